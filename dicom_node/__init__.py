@@ -1,0 +1,1 @@
+"""DICOM network node that enhances radiographs with interpretable per-pixel LUT maps."""

@@ -1,0 +1,35 @@
+"""The `dicom-node` command line.
+
+Each subcommand imports what it needs inside its body, so `dicom-node status` never pays
+for importing torch. Errors of our own hierarchies become one line and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class _OneLineErrors(click.Group):
+    """Turns our error types into one line and a non-zero exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from dicom_node.errors import NodeError
+        from model.checkpoint import CheckpointError
+
+        try:
+            return super().invoke(ctx)
+        except (NodeError, CheckpointError, FileNotFoundError, PermissionError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(package_name="dicom-node")
+def main() -> None:
+    """Enhance radiographs with interpretable per-pixel LUT maps, as a DICOM node or offline."""
+
+
+from dicom_node.enhance_command import enhance  # noqa: E402
+
+main.add_command(enhance)

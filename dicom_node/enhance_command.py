@@ -1,0 +1,60 @@
+"""`dicom-node enhance`: enhance files and folders offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "default.pt"
+
+
+def iter_inputs(paths: tuple[str, ...]):
+    """Every file named, and every file under every folder named (recursively, sorted)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def output_path(out_dir: Path, ds) -> Path:
+    return out_dir / f"{ds.SOPInstanceUID}.dcm"
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the derived instances.")
+@click.option("--mode", type=click.Choice(["voi", "burn-in"]), default="voi", show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=str(DEFAULT_WEIGHTS), show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+def enhance(paths, out_dir, mode, weights, device):
+    """Enhance DICOM radiographs in PATHS (files or folders) into --out."""
+    from tqdm import tqdm
+
+    from dicom_node.enhancer import Enhancer
+    from dicom_node.errors import UnsupportedImage
+    from dicom_node.reader import load_dataset
+
+    try:
+        enhancer = Enhancer(weights, device=device, mode=mode)
+        enhancer.predictor.checkpoint  # load now: a bad checkpoint is one error, not one per file
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(iter_inputs(paths))
+    done, failures = 0, []
+    for path in tqdm(files, desc="enhancing", unit="image", disable=None):
+        try:
+            derived = enhancer.enhance(load_dataset(path))
+        except UnsupportedImage as exc:
+            failures.append((path, str(exc)))
+            continue
+        derived.save_as(output_path(out, derived), enforce_file_format=True)
+        done += 1
+    for path, reason in failures:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    click.echo(f"{done} enhanced, {len(failures)} failed, written to {out}")
+    if failures:
+        raise SystemExit(1)

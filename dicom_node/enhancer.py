@@ -1,0 +1,38 @@
+"""Radiograph dataset in → derived enhanced dataset out: reader → predictor → writer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from dicom_node.reader import read_radiograph
+from dicom_node.writer import MODES, ModelStamp, derive_instance
+from model.predictor import Predictor
+
+
+class Enhancer:
+    """Loads the model once (lazily) and enhances one dataset at a time."""
+
+    def __init__(self, weights: str | Path, device: str = "auto", mode: str = "voi"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.predictor = Predictor(weights, device)
+
+    @property
+    def stamp(self) -> ModelStamp:
+        return ModelStamp(name=self.predictor.name, identity=self.predictor.identity)
+
+    def enhance(self, ds: Dataset) -> Dataset:
+        """The new derived instance; UnsupportedImage for anything that is not a radiograph."""
+        x = read_radiograph(ds)
+        burn_in = self.mode == "burn-in"
+        prediction = self.predictor(x, want_z=burn_in)
+        return derive_instance(
+            ds,
+            y=prediction.y.cpu().numpy(),
+            z=prediction.z.cpu().numpy() if burn_in else None,
+            window=prediction.window,
+            stamp=self.stamp,
+            mode=self.mode,
+        )

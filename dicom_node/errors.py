@@ -1,0 +1,13 @@
+"""Errors of the node, each with a message a hospital admin can act on."""
+
+
+class NodeError(Exception):
+    """Base class of every error the node reports to a user."""
+
+
+class UnsupportedImage(NodeError, ValueError):
+    """The file is not a single-frame monochrome image this node can enhance."""
+
+
+class ConfigError(NodeError, ValueError):
+    """config.toml is invalid; the message names the key and the problem."""

@@ -1,0 +1,1 @@
+"""Model: network, remap formula, checkpoints, predictor. Imports neither dicom_node nor training."""

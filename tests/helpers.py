@@ -1,0 +1,91 @@
+"""Test inputs whose outputs are known exactly (never assert on random weights)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom.data import get_testdata_file
+
+from model.checkpoint import save_checkpoint
+from model.net import ModelConfig, build_model
+
+REAL_RADIOGRAPHS = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KR.dcm")
+
+
+def testdata(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+def make_constant_checkpoint(path, a=1.0, b=0.0, wc=0.5, ww=0.5, downsample=8, width=8) -> Path:
+    """A valid checkpoint whose maps are the given constants everywhere, for any input.
+
+    The head's weights are zeroed and its bias set through the inverse of each output
+    constraint, so the network's output does not depend on the image.
+    """
+    config = ModelConfig(downsample=downsample, width=width, parameterisation="absolute")
+    model = build_model(config)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        inv_softplus = lambda v: math.log(math.expm1(v))  # noqa: E731
+        model.head.bias.copy_(torch.tensor([
+            inv_softplus(a), b, math.log(wc / (1 - wc)), inv_softplus(ww - config.min_ww)
+        ]))
+    save_checkpoint(path, model, meta={"purpose": f"test: constant maps a={a} b={b} wc={wc} ww={ww}"})
+    return Path(path)
+
+
+def phantom_radiograph(rows=1200, cols=1000, bits=12, seed=0) -> np.ndarray:
+    """A small Beer-Lambert-like phantom as stored values: body ellipse, two bones, air around."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    cy, cx = rows / 2, cols / 2
+    body = ((yy - cy) / (0.42 * rows)) ** 2 + ((xx - cx) / (0.35 * cols)) ** 2 < 1
+    bone = (np.abs(xx - cx + 0.12 * cols) < 0.04 * cols) | (np.abs(xx - cx - 0.12 * cols) < 0.04 * cols)
+    mu = 0.6 * body + 1.2 * (bone & body)
+    intensity = np.exp(-mu) * (1 + 0.02 * rng.standard_normal((rows, cols)))
+    top = (1 << bits) - 1
+    return np.clip(intensity * 0.9 * top, 0, top).astype(np.uint16)
+
+
+def phantom_dataset(rows=1200, cols=1000, bits=12, seed=0, modality="CR", photometric="MONOCHROME2"):
+    """A real, writable CR/DX dataset carrying `phantom_radiograph` pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = phantom_radiograph(rows, cols, bits, seed)
+    if photometric == "MONOCHROME1":
+        pixels = ((1 << bits) - 1 - pixels).astype(np.uint16)
+    ds = Dataset()
+    sop_class = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1.1"}[modality]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["phantom", str(seed), modality])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["phantom-study", str(seed)])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["phantom-series", str(seed), modality])
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", f"PH{seed}", "", "O"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20260101", "120000", "", "", "1"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.Manufacturer = "dicom-node tests"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    if modality == "DX":
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PROCESSING"
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+        ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1
+        ds.ImagerPixelSpacing = [0.15, 0.15]
+        ds.DetectorType, ds.BurnedInAnnotation, ds.PatientOrientation = "SCINTILLATOR", "NO", ""
+        ds.ContentDate, ds.ContentTime = "20260101", "120000"
+        ds.KVP, ds.ExposureTime = "", ""
+        ds.Laterality = ""
+    else:
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+        ds.PatientOrientation = ""
+    return ds

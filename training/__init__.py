@@ -1,0 +1,1 @@
+"""Training side: annotated archives, synthetic data, teacher, training loop, evaluation."""
