@@ -33,3 +33,4 @@ def main() -> None:
 from dicom_node.enhance_command import enhance  # noqa: E402
 
 main.add_command(enhance)
+

@@ -155,8 +155,9 @@ def derive_instance(
     if sop_class in REQUIRES_RESCALE:  # identity Modality LUT where the IOD requires one
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
         ds.PixelIntensityRelationshipSign = -1  # higher value = less beam intensity = brighter
-    if source.get("LossyImageCompression") == "01" or source.file_meta.get("TransferSyntaxUID") in _LOSSY_SYNTAXES:
-        ds.LossyImageCompression = "01"
+        ds.PresentationLUTShape = "IDENTITY"  # DX: MONOCHROME2 is shown as stored (PS3.3 C.8.11.3.1.2)
+    lossy = source.get("LossyImageCompression") == "01" or source.file_meta.get("TransferSyntaxUID") in _LOSSY_SYNTAXES
+    ds.LossyImageCompression = "01" if lossy else "00"
 
     # VOI LUT module (PS3.3 C.11.2): the presentation as tags, re-windowable by the reader.
     if mode == "voi":

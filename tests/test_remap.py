@@ -1,0 +1,68 @@
+"""The remap formula of design.md, checked against values computed by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.remap import downsample_image, remap, upsample_maps
+
+
+def hand_remap(x, a, b, wc, ww):
+    y = min(max(a * x + b, 0.0), 1.0)
+    return y, 1.0 / (1.0 + math.exp(-4.0 * (y - wc) / ww))
+
+
+@pytest.mark.parametrize("x,a,b,wc,ww", [
+    (0.25, 2.0, -0.1, 0.5, 0.4),   # inside the clip
+    (0.9, 1.5, 0.2, 0.3, 0.1),     # clipped at 1
+    (0.1, 0.5, -0.2, 0.6, 1.0),    # clipped at 0
+    (0.5, 0.0, 0.7, 0.7, 0.05),    # a = 0: flat LUT, z exactly 0.5
+])
+def test_remap_matches_values_computed_by_hand(x, a, b, wc, ww):
+    y, z = remap(torch.tensor([[x]]), a, b, wc, ww)
+    y_hand, z_hand = hand_remap(x, a, b, wc, ww)
+    assert float(y) == pytest.approx(y_hand, abs=1e-6)
+    assert float(z) == pytest.approx(z_hand, abs=1e-6)
+
+
+def test_remap_is_monotonic_in_x_for_every_pixel():
+    g = torch.Generator().manual_seed(0)
+    h, w = 37, 53
+    a = torch.rand(1, 1, h, w, generator=g) * 3
+    b = torch.rand(1, 1, h, w, generator=g) - 0.5
+    wc = torch.rand(1, 1, h, w, generator=g)
+    ww = torch.rand(1, 1, h, w, generator=g) + 0.02
+    levels = torch.linspace(0, 1, 65)
+    zs = torch.stack([remap(torch.full((1, 1, h, w), float(v)), a, b, wc, ww).z for v in levels])
+    assert torch.all(zs[1:] - zs[:-1] >= 0)
+    assert torch.all(zs[-1] - zs[0] >= 0)
+
+
+def test_low_resolution_maps_are_upsampled_onto_the_pixels_they_came_from():
+    # A map that is a linear ramp in the low-res grid stays a ramp after x8 upsampling, and
+    # constant maps stay exactly constant for an odd-sized image (padding cropped, not stretched).
+    x = torch.rand(1, 1, 1001, 777)
+    low = downsample_image(x, 8)
+    assert low.shape[-2:] == (126, 98)
+    const = torch.full_like(low, 0.3)
+    up = upsample_maps(const, (1001, 777), 8)
+    assert up.shape[-2:] == (1001, 777)
+    assert torch.allclose(up, torch.tensor(0.3))
+    y, _ = remap(x, const, 0.1, 0.5, 0.5, downsample=8)
+    assert torch.allclose(y, torch.clamp(0.3 * x + 0.1, 0, 1), atol=1e-6)
+
+
+def test_downsample_is_an_area_mean():
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8)
+    low = downsample_image(x, 4)
+    assert low.shape[-2:] == (2, 2)
+    assert float(low[0, 0, 0, 0]) == pytest.approx(float(x[0, 0, :4, :4].mean()))
+
+
+def test_remap_accepts_numpy_derived_tensors_of_any_map_resolution():
+    x = torch.from_numpy(np.linspace(0, 1, 200 * 300, dtype=np.float32).reshape(200, 300))
+    a = torch.full((1, 1, 7, 11), 2.0)
+    y, z = remap(x, a, -0.5, 0.5, 0.25)
+    assert y.shape == x.shape and z.shape == x.shape
+    assert torch.allclose(y, torch.clamp(2 * x - 0.5, 0, 1), atol=1e-6)
