@@ -80,20 +80,65 @@ def remap(
 
     x: (H, W) or (N, 1, H, W) float32 in [0, 1]. Each of a, b, wc, ww is a float, a tensor that
     broadcasts against x, or a low-resolution map (N, 1, h, w) that is upsampled first (see
-    `upsample_maps`). Returns (y, z) shaped like x; z is None-free but skipped (y returned twice)
-    when want_z is False, which the `voi` writer uses since it stores y and a window.
+    `upsample_maps`). Returns (y, z) shaped like x. With want_z=False the window is skipped and
+    z is y (the `voi` writer stores y and a window tag, so it never needs z).
     """
     squeeze = x.dim() == 2
     x4 = _as_4d(x).float()
     size = tuple(x4.shape[-2:])
-
-    def full(m: MapLike) -> MapLike:
-        if isinstance(m, torch.Tensor) and m.dim() >= 2 and tuple(m.shape[-2:]) != size and m.numel() > 1:
-            return upsample_maps(_as_4d(m).float(), size, downsample)
-        return m
-
-    y = regional_lut(x4, full(a), full(b))
-    z = sigmoid_window(y, full(wc), full(ww)) if want_z else y
+    maps = [_as_4d(m).float() if isinstance(m, torch.Tensor) and m.dim() >= 2 and m.numel() > 1
+            and tuple(m.shape[-2:]) != size else None for m in (a, b, wc, ww)]
+    if not want_z:  # the window maps are not used: do not upsample them
+        maps[2:] = [None, None]
+    needs_grad = torch.is_grad_enabled() and any(isinstance(m, torch.Tensor) and m.requires_grad for m in (x, a, b, wc, ww))
+    if downsample is not None and not needs_grad and x4.shape[0] == 1 and any(m is not None for m in maps):
+        y, z = _remap_in_bands(x4, (a, b, wc, ww), maps, downsample, want_z)
+    else:
+        full = [upsample_maps(m, size, downsample) if m is not None else v for m, v in zip(maps, (a, b, wc, ww))]
+        y = regional_lut(x4, full[0], full[1])
+        z = sigmoid_window(y, full[2], full[3]) if want_z else y
     if squeeze:
         return Remapped(y[0, 0], z[0, 0])
     return Remapped(y, z)
+
+
+BAND_ROWS = 64  # rows per band: the band's upsampled maps stay in cache (measured: 64-128 best)
+
+
+def _remap_in_bands(x4, values, maps, downsample: int, want_z: bool):
+    """Inference path of `remap`: the same bilinear upsampling and formula, band by band.
+
+    Upsampling whole maps to full resolution writes and re-reads several image-sized buffers;
+    doing it separably (columns once at low-res height, rows per band) keeps each band in cache
+    and runs several times faster. tests/test_remap.py checks it against the plain path.
+    """
+    h_full, w_full = x4.shape[-2:]
+    low = [m for m in maps if m is not None]
+    h_low, w_low = low[0].shape[-2:]
+    # Columns: exact x`downsample` bilinear along W only (the row scale stays 1).
+    stacked = torch.cat(low, dim=1)
+    cols = F.interpolate(stacked, size=(h_low, w_low * downsample), mode="bilinear", align_corners=False)
+    cols = cols[0, :, :, :w_full]
+    # Rows: the source coordinate of each output row, as F.interpolate computes it.
+    src = ((torch.arange(h_full, dtype=torch.float32) + 0.5) / downsample - 0.5).clamp_min(0.0)
+    top = src.floor().long().clamp_max(h_low - 1)
+    bottom = (top + 1).clamp_max(h_low - 1)
+    frac = (src - top)[:, None]
+
+    y = torch.empty_like(x4)
+    z = torch.empty_like(x4) if want_z else y
+    for r0 in range(0, h_full, BAND_ROWS):
+        rows = slice(r0, min(r0 + BAND_ROWS, h_full))
+        band = torch.lerp(cols[:, top[rows]], cols[:, bottom[rows]], frac[rows])
+        band_maps, k = [], 0
+        for m, v in zip(maps, values):
+            if m is not None:
+                band_maps.append(band[k])
+                k += 1
+            else:
+                band_maps.append(v[..., rows, :][0, 0] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.numel() > 1 else v)
+        y_band = regional_lut(x4[0, 0, rows], band_maps[0], band_maps[1])
+        y[0, 0, rows] = y_band
+        if want_z:
+            z[0, 0, rows] = sigmoid_window(y_band, band_maps[2], band_maps[3])
+    return y, z

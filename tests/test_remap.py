@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.remap import downsample_image, remap, upsample_maps
+from model.remap import downsample_image, remap, sigmoid_window, upsample_maps
 
 
 def hand_remap(x, a, b, wc, ww):
@@ -66,3 +66,18 @@ def test_remap_accepts_numpy_derived_tensors_of_any_map_resolution():
     y, z = remap(x, a, -0.5, 0.5, 0.25)
     assert y.shape == x.shape and z.shape == x.shape
     assert torch.allclose(y, torch.clamp(2 * x - 0.5, 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,ds", [((1001, 777), 8), ((640, 512), 4), ((300, 1250), 16)])
+def test_banded_inference_path_equals_the_differentiable_path(shape, ds):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1, *shape, generator=g)
+    low = [torch.rand(1, 1, -(-shape[0] // ds), -(-shape[1] // ds), generator=g) for _ in range(4)]
+    a, b, wc, ww = low[0] * 2, low[1] - 0.5, low[2], low[3] + 0.05
+    fast = remap(x, a, b, wc, ww, downsample=ds)
+    a.requires_grad_(True)  # forces the plain, differentiable path
+    plain = remap(x, a, b, wc, ww, downsample=ds)
+    assert torch.allclose(fast.y, plain.y.detach(), atol=1e-6)
+    assert torch.allclose(fast.z, plain.z.detach(), atol=1e-6)
+    mixed = remap(x, a.detach(), b, 0.4, 0.2, downsample=ds)  # scalar window beside low-res maps
+    assert torch.allclose(mixed.z, sigmoid_window(plain.y.detach(), 0.4, 0.2), atol=1e-6)
