@@ -1,0 +1,281 @@
+"""config.toml: parsed once into frozen dataclasses, validated with messages that name the key.
+
+The key names are the contract (see the README). Relative paths resolve against the
+directory of the config file, so a node started from any working directory finds its
+spool, weights and outbox.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+DEFAULT_CONFIG = "config.toml"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "ENHANCE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+    acse_timeout: float | None = None
+    dimse_timeout: float | None = None
+    network_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    dir: Path = Path("var/spool")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    weights: Path = Path("model/weights/default.pt")
+    device: str = "auto"
+    mode: str = "voi"
+    enhance: tuple[str, ...] = ("CR", "DX")
+    forward_original: bool = True
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    initial_seconds: float = 2.0
+    max_seconds: float = 300.0
+    give_up_hours: float = 72.0
+
+
+@dataclass(frozen=True)
+class FolderDestination:
+    name: str
+    path: Path
+    type: str = "folder"
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    type: str = "dicom"
+
+
+Destination = FolderDestination | DicomDestination
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node: NodeSettings = field(default_factory=NodeSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    destinations: tuple[Destination, ...] = ()
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def destination(self, name: str) -> Destination:
+        """The destination called `name`; ConfigError listing the known names if none."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(f"{self.path}: no destination named {name!r} (configured: {known})")
+
+
+# --- validation helpers ------------------------------------------------------------------
+
+class _Section:
+    """One TOML table being read: every get names `[section] key` in its error."""
+
+    def __init__(self, source: Path, name: str, table: Any, allowed: set[str]):
+        self.source, self.name = source, name
+        if not isinstance(table, dict):
+            self.fail(None, f"must be a table, got {table!r}")
+        self.table = table
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            self.fail(unknown[0], f"is not a known key (known: {', '.join(sorted(allowed))})")
+
+    def fail(self, key: str | None, problem: str):
+        where = f"[{self.name}]" + (f" {key}" if key else "")
+        raise ConfigError(f"{self.source.name}: {where} {problem}")
+
+    def _get(self, key, default, kinds, kind_name):
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            self.fail(key, f"must be {kind_name}, got {value!r}")
+        return value
+
+    def string(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(key, default, (str,), "a string")
+        if value is None:
+            self.fail(key, "is required")
+        if choices and value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def ae_title(self, key: str, default: str | None) -> str:
+        value = self.string(key, default)
+        _check_ae_title(value, lambda problem: self.fail(key, problem))
+        return value
+
+    def integer(self, key: str, default: int | None, low: int, high: int) -> int:
+        value = self._get(key, default, (int,), "an integer")
+        if value is None:
+            self.fail(key, "is required")
+        if not low <= value <= high:
+            self.fail(key, f"must be between {low} and {high}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float | None, positive: bool = True) -> float | None:
+        value = self._get(key, default, (int, float), "a number")
+        if value is not None and positive and value <= 0:
+            self.fail(key, f"must be a positive number, got {value!r}")
+        return None if value is None else float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(key, default, (bool,), "true or false")
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, list(default), (list,), "a list of strings")
+        for item in value:
+            if not isinstance(item, str):
+                self.fail(key, f"must be a list of strings, got item {item!r}")
+        return tuple(value)
+
+    def path(self, key: str, default: str | None, base: Path) -> Path:
+        value = self.string(key, default)
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+
+
+def _check_ae_title(value: str, fail) -> None:
+    if not value.strip():
+        fail("must not be empty")
+    if len(value) > 16:
+        fail(f"must be at most 16 characters, got {value!r}")
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        fail(f"must be printable ASCII without backslash, got {value!r}")
+
+
+_MODALITY_NAMES = ("CR", "DX")  # names accepted in [model] enhance besides SOP Class UIDs
+
+
+def _enhance_entries(section: _Section) -> tuple[str, ...]:
+    entries = section.strings("enhance", ("CR", "DX"))
+    for entry in entries:
+        is_uid = entry.replace(".", "").isdigit() and not entry.startswith(".")
+        if entry.upper() not in _MODALITY_NAMES and not is_uid:
+            section.fail("enhance", f"entries must be CR, DX or a SOP Class UID, got {entry!r}")
+    return tuple(e.upper() if e.upper() in _MODALITY_NAMES else e for e in entries)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate `path`; every problem is a ConfigError naming the key."""
+    source = Path(path).expanduser().resolve()
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source.name}: not valid TOML: {exc}") from None
+    return parse_config(raw, source)
+
+
+def parse_config(raw: dict[str, Any], source: Path) -> Config:
+    """Validate an already parsed TOML document that was read from `source`."""
+    base = source.parent
+    top = _Section(source, "config", raw,
+                   {"node", "spool", "model", "retry", "destinations", "logging"})
+
+    s = _Section(source, "node", raw.get("node", {}),
+                 {"ae_title", "host", "port", "allowed_calling_aets", "max_associations",
+                  "acse_timeout", "dimse_timeout", "network_timeout"})
+    allowed = s.strings("allowed_calling_aets", ())
+    for aet in allowed:
+        _check_ae_title(aet, lambda problem: s.fail("allowed_calling_aets", problem))
+    node = NodeSettings(
+        ae_title=s.ae_title("ae_title", "ENHANCE"),
+        host=s.string("host", "127.0.0.1"),
+        port=s.integer("port", 11112, 0, 65535),
+        allowed_calling_aets=allowed,
+        max_associations=s.integer("max_associations", 10, 1, 1000),
+        acse_timeout=s.number("acse_timeout", None),
+        dimse_timeout=s.number("dimse_timeout", None),
+        network_timeout=s.number("network_timeout", None),
+    )
+
+    s = _Section(source, "spool", raw.get("spool", {}), {"dir"})
+    spool = SpoolSettings(dir=s.path("dir", "var/spool", base))
+
+    s = _Section(source, "model", raw.get("model", {}),
+                 {"weights", "device", "mode", "enhance", "forward_original"})
+    device = s.string("device", "auto")
+    if device not in ("auto", "cpu", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdigit()):
+        s.fail("device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+    model = ModelSettings(
+        weights=s.path("weights", "model/weights/default.pt", base),
+        device=device,
+        mode=s.string("mode", "voi", ("voi", "burn-in")),
+        enhance=_enhance_entries(s),
+        forward_original=s.boolean("forward_original", True),
+    )
+
+    s = _Section(source, "retry", raw.get("retry", {}),
+                 {"initial_seconds", "max_seconds", "give_up_hours"})
+    retry = RetrySettings(
+        initial_seconds=s.number("initial_seconds", 2.0),
+        max_seconds=s.number("max_seconds", 300.0),
+        give_up_hours=s.number("give_up_hours", 72.0),
+    )
+    if retry.max_seconds < retry.initial_seconds:
+        s.fail("max_seconds", f"must be at least initial_seconds ({retry.initial_seconds:g}),"
+                              f" got {retry.max_seconds:g}")
+
+    entries = raw.get("destinations", [])
+    if not isinstance(entries, list) or not entries:
+        top.fail("destinations", "must be one or more [[destinations]] tables")
+    destinations: list[Destination] = []
+    for i, entry in enumerate(entries):
+        label = f"destinations #{i + 1}"
+        if not isinstance(entry, dict):
+            top.fail("destinations", f"#{i + 1} must be a table, got {entry!r}")
+        kind = entry.get("type")
+        if kind == "folder":
+            s = _Section(source, label, entry, {"name", "type", "path"})
+            dest: Destination = FolderDestination(name=s.string("name", None),
+                                                  path=s.path("path", None, base))
+        elif kind == "dicom":
+            s = _Section(source, label, entry, {"name", "type", "ae_title", "host", "port"})
+            dest = DicomDestination(name=s.string("name", None),
+                                    ae_title=s.ae_title("ae_title", None),
+                                    host=s.string("host", None),
+                                    port=s.integer("port", None, 1, 65535))
+        else:
+            raise ConfigError(f"{source.name}: [{label}] type must be \"folder\" or \"dicom\","
+                              f" got {kind!r}")
+        if any(d.name == dest.name for d in destinations):
+            s.fail("name", f"{dest.name!r} is used by two destinations")
+        destinations.append(dest)
+
+    s = _Section(source, "logging", raw.get("logging", {}), {"format", "level"})
+    logging = LoggingSettings(
+        format=s.string("format", "auto", ("auto", "json", "console")),
+        level=s.string("level", "info", ("debug", "info", "warning", "error")),
+    )
+    return Config(path=source, node=node, spool=spool, model=model, retry=retry,
+                  destinations=tuple(destinations), logging=logging)

@@ -1,0 +1,226 @@
+"""The job queue: one SQLite database in the spool (WAL, synchronous=FULL).
+
+A job is one received instance. States::
+
+    received --claim--> processing --> done
+        ^                   |      \\--> failed   (file held in failed/ with its reason)
+        \\---- retry -------/            (attempts, next_attempt_at, last_error)
+
+Deliveries are recorded per (job, destination, item) where item is "original" or
+"derived", so a retry only goes to the destinations that do not have the item yet and
+a spool file is removed only when every destination has it.
+
+Connections are per thread: the SCP's association threads each write their own job.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES = ("received", "processing", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_uid ON jobs (sop_instance_uid, state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    item TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, item)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    calling_aet: str
+    path: Path
+    state: str
+    attempts: int
+    received_at: float
+    next_attempt_at: float
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(id=row["id"], sop_instance_uid=row["sop_instance_uid"],
+                   sop_class_uid=row["sop_class_uid"], calling_aet=row["calling_aet"],
+                   path=Path(row["path"]), state=row["state"], attempts=row["attempts"],
+                   received_at=row["received_at"], next_attempt_at=row["next_attempt_at"],
+                   last_error=row["last_error"])
+
+
+class JobQueue:
+    """The queue database; safe to use from several threads and processes."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._local = threading.local()
+        if not readonly:
+            with self._conn() as conn:
+                conn.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- the SCP side ------------------------------------------------------------------
+
+    def add(self, sop_instance_uid: str, sop_class_uid: str, path: Path,
+            calling_aet: str = "") -> tuple[int, list[Path]]:
+        """Record a received instance; committed (durable) when this returns.
+
+        An older copy of the same SOP Instance that is still waiting (not yet claimed) is
+        superseded by this one, so one instance is never delivered with two contents.
+        Returns the new job id and the files of superseded jobs, for the caller to remove.
+        """
+        now = time.time()
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            old = conn.execute(
+                "SELECT id, path FROM jobs WHERE sop_instance_uid = ? AND state = 'received'",
+                (sop_instance_uid,)).fetchall()
+            job_id = conn.execute(
+                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, calling_aet, path, state,"
+                " received_at, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 'received', ?, ?, ?)",
+                (sop_instance_uid, sop_class_uid, calling_aet, str(path), now, now, now),
+            ).lastrowid
+            for row in old:
+                conn.execute(
+                    "UPDATE jobs SET state = 'done', updated_at = ?, last_error = ? WHERE id = ?",
+                    (now, f"superseded by a later copy of the same instance (job {job_id})",
+                     row["id"]))
+        return job_id, [Path(row["path"]) for row in old]
+
+    def known_paths(self) -> set[str]:
+        return {row[0] for row in self._conn().execute(
+            "SELECT path FROM jobs WHERE state IN ('received', 'processing')")}
+
+    # --- the worker side ---------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Jobs left in processing by a stopped or crashed worker become ready again."""
+        with self._conn() as conn:
+            return conn.execute(
+                "UPDATE jobs SET state = 'received', updated_at = ? WHERE state = 'processing'",
+                (time.time(),)).rowcount
+
+    def claim(self, limit: int, now: float | None = None) -> list[Job]:
+        """Move up to `limit` ready jobs (oldest first) to processing and return them."""
+        now = time.time() if now is None else now
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'received' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
+            conn.executemany("UPDATE jobs SET state = 'processing', updated_at = ? WHERE id = ?",
+                             [(now, row["id"]) for row in rows])
+        return [Job.from_row(row) for row in rows]
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting job becomes ready (None when nothing waits)."""
+        row = self._conn().execute(
+            "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'received'").fetchone()
+        return row[0]
+
+    def release(self, job_ids: list[int]) -> None:
+        """Give claimed jobs back untouched (shutdown before they were worked on)."""
+        with self._conn() as conn:
+            conn.executemany(
+                "UPDATE jobs SET state = 'received', updated_at = ? WHERE id = ? AND state = 'processing'",
+                [(time.time(), i) for i in job_ids])
+
+    def deliveries(self, job_id: int) -> set[tuple[str, str]]:
+        """The (destination, item) pairs already delivered for a job."""
+        return {(row[0], row[1]) for row in self._conn().execute(
+            "SELECT destination, item FROM deliveries WHERE job_id = ?", (job_id,))}
+
+    def record_delivery(self, job_id: int, destination: str, item: str, sop_instance_uid: str) -> None:
+        with self._conn() as conn:
+            conn.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
+                         (job_id, destination, item, sop_instance_uid, time.time()))
+
+    def finish(self, job_id: int, note: str | None = None) -> None:
+        """Every destination has every item of the job."""
+        self._set(job_id, "done", note)
+
+    def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'received', attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (error, next_attempt_at, time.time(), job_id))
+
+    def fail(self, job_id: int, error: str, held_path: Path | None = None) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = ?,"
+                " path = COALESCE(?, path), updated_at = ? WHERE id = ?",
+                (error, None if held_path is None else str(held_path), time.time(), job_id))
+
+    def _set(self, job_id: int, state: str, note: str | None) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, last_error = COALESCE(?, last_error),"
+                " updated_at = ? WHERE id = ?", (state, note, time.time(), job_id))
+
+    # --- reporting ---------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[row[0]] = row[1]
+        return counts
+
+    def oldest_pending(self) -> Job | None:
+        row = self._conn().execute(
+            "SELECT * FROM jobs WHERE state IN ('received', 'processing')"
+            " ORDER BY received_at, id LIMIT 1").fetchone()
+        return None if row is None else Job.from_row(row)
+
+    def jobs(self, state: str, limit: int = 50) -> list[Job]:
+        return [Job.from_row(row) for row in self._conn().execute(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))]
+
+    def delivered_uids(self, destination: str) -> list[str]:
+        return [row[0] for row in self._conn().execute(
+            "SELECT sop_instance_uid FROM deliveries WHERE destination = ?", (destination,))]

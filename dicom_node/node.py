@@ -1,0 +1,122 @@
+"""The running node: spool + queue + SCP in this process, the worker in a spawned one.
+
+Shutdown (SIGTERM or SIGINT): stop accepting associations, let the ones in progress
+finish (each C-STORE is durable before it is answered), then ask the worker to stop
+after its current batch; whatever it had not finished stays in the queue and is
+resumed on the next start. This module must not import torch (see worker.py).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+
+import structlog
+from pydicom import dcmread
+
+from dicom_node.config import Config
+from dicom_node.errors import ConfigError
+from dicom_node.jobs import JobQueue
+from dicom_node.scp import start_scp
+from dicom_node.spool import Spool
+
+log = structlog.get_logger("dicom_node.node")
+
+DRAIN_SECONDS = 30      # how long in-progress associations may take after a stop request
+WORKER_STOP_SECONDS = 60  # how long the worker may take to finish its batch
+
+
+def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
+    """Files fully written to incoming/ whose job was never recorded (a crash between the
+    rename and the commit; the sender was not answered) are queued rather than lost."""
+    known = queue.known_paths()
+    adopted = 0
+    for path in spool.received_files():
+        if str(path) in known:
+            continue
+        try:
+            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
+            queue.add(str(meta.MediaStorageSOPInstanceUID), str(meta.MediaStorageSOPClassUID), path)
+            adopted += 1
+        except Exception as exc:
+            log.warning("unreadable file in incoming/ left alone", path=str(path), error=repr(exc))
+    return adopted
+
+
+def check_ready(config: Config) -> None:
+    """Fail at start, naming the key, for what would otherwise fail in the worker."""
+    if config.model.enhance and not config.model.weights.is_file():
+        raise ConfigError(f"{config.path.name}: [model] weights: no file at {config.model.weights}")
+
+
+class Node:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stopping = threading.Event()
+        self._mp = multiprocessing.get_context("spawn")
+        self.wake = self._mp.Event()
+        self.stop_worker = self._mp.Event()
+        self.worker: multiprocessing.Process | None = None
+
+    def _start_worker(self) -> None:
+        from dicom_node import worker
+
+        self.worker = self._mp.Process(
+            target=worker.main, name="dicom-node-worker",
+            args=(str(self.config.path), self.stop_worker, self.wake))
+        self.worker.start()
+        log.info("worker started", pid=self.worker.pid)
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        if not self.stopping.is_set():
+            log.info("stop requested", signal=signal.Signals(signum).name if signum else None)
+        self.stopping.set()
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status (0 on a clean stop)."""
+        cfg = self.config
+        check_ready(cfg)
+        spool = Spool(cfg.spool.dir).create()
+        spool.remove_partials()
+        queue = JobQueue(spool.db_path)
+        adopted = adopt_orphans(spool, queue)
+        if adopted:
+            log.warning("queued files found in incoming/ without a job", count=adopted)
+        if not cfg.node.allowed_calling_aets:
+            log.warning("any calling AE title is accepted ([node] allowed_calling_aets is empty)")
+        else:
+            log.info("calling AE titles allowed", aets=list(cfg.node.allowed_calling_aets))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+
+        self._start_worker()
+        ae, server = start_scp(cfg.node, spool, queue, on_stored=self.wake.set)
+        log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
+                 port=server.server_address[1], spool=str(spool.root),
+                 destinations=[d.name for d in cfg.destinations])
+        restarts = 0
+        while not self.stopping.wait(0.5):
+            if not self.worker.is_alive():
+                restarts += 1
+                delay = min(30.0, 2.0 ** restarts)
+                log.error("worker exited, restarting", exitcode=self.worker.exitcode,
+                          in_seconds=delay)
+                if self.stopping.wait(delay):
+                    break
+                self._start_worker()
+
+        server.shutdown()  # no new associations
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ae.shutdown()
+        self.stop_worker.set()
+        self.wake.set()
+        self.worker.join(WORKER_STOP_SECONDS)
+        if self.worker.is_alive():
+            log.warning("worker did not stop in time; its jobs resume on the next start")
+            self.worker.terminate()
+            self.worker.join(5)
+        log.info("stopped")
+        return 0

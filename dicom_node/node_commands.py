@@ -1,0 +1,99 @@
+"""`dicom-node serve`, `status` and `echo`. Heavy imports stay inside the command bodies."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from dicom_node.config import DEFAULT_CONFIG
+
+_config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+    type=click.Path(dir_okay=False), help="The node's config.toml.")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@click.command()
+@_config_option
+def serve(config_path: str) -> None:
+    """Run the node: receive, spool, enhance and forward until SIGTERM/SIGINT."""
+    from dicom_node.config import load_config
+    from dicom_node.logs import configure_logging
+    from dicom_node.node import Node
+
+    config = load_config(config_path)
+    configure_logging(config.logging.format, config.logging.level)
+    sys.exit(Node(config).serve())
+
+
+@click.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--limit", default=20, show_default=True, help="How many failed jobs to list.")
+def status(config_path: str, as_json: bool, limit: int) -> None:
+    """Jobs per state, the oldest pending job and the failed ones with their reasons.
+
+    Reads the queue database only, so it works while the node runs.
+    """
+    from dicom_node.config import load_config
+    from dicom_node.jobs import STATES, JobQueue
+    from dicom_node.spool import Spool
+
+    config = load_config(config_path)
+    spool = Spool(config.spool.dir)
+    now = time.time()
+    if spool.db_path.exists():
+        queue = JobQueue(spool.db_path, readonly=True)
+        counts, oldest, failed = queue.counts(), queue.oldest_pending(), queue.jobs("failed", limit)
+    else:
+        counts, oldest, failed = dict.fromkeys(STATES, 0), None, []
+
+    report = {
+        "spool": str(spool.root),
+        "counts": counts,
+        "oldest_pending": None if oldest is None else {
+            "job_id": oldest.id, "sop_instance_uid": oldest.sop_instance_uid,
+            "state": oldest.state, "received_at": _iso(oldest.received_at),
+            "age_seconds": round(now - oldest.received_at, 1), "attempts": oldest.attempts,
+            "next_attempt_at": _iso(oldest.next_attempt_at), "last_error": oldest.last_error},
+        "failed": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid,
+                    "path": str(j.path), "reason": j.last_error} for j in failed],
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"spool: {spool.root}")
+    for state in STATES:
+        click.echo(f"  {state:<11} {counts[state]}")
+    if oldest is None:
+        click.echo("oldest pending: none")
+    else:
+        line = (f"oldest pending: job {oldest.id} ({oldest.state}) received {_iso(oldest.received_at)},"
+                f" {now - oldest.received_at:.0f} s ago, attempts {oldest.attempts}")
+        if oldest.last_error:
+            line += f", next attempt {_iso(oldest.next_attempt_at)}, last error: {oldest.last_error}"
+        click.echo(line)
+    click.echo(f"failed: {counts['failed']}" + (" (newest first)" if failed else ""))
+    for job in failed:
+        click.echo(f"  job {job.id} {job.sop_instance_uid}: {job.last_error}")
+        click.echo(f"    held at {job.path}")
+
+
+@click.command()
+@click.argument("destination")
+@_config_option
+def echo(destination: str, config_path: str) -> None:
+    """C-ECHO the configured DESTINATION (a name from [[destinations]])."""
+    from dicom_node.config import load_config
+    from dicom_node.forwarder import make_target
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # our message says it once
+    config = load_config(config_path)
+    target = make_target(config.destination(destination), config.node)
+    click.echo(target.echo())

@@ -1,0 +1,136 @@
+"""The Storage SCP: C-ECHO and C-STORE into the durable spool.
+
+Shaped like pynetdicom's storescp: build the AE, add the contexts, bind small handlers.
+A C-STORE handler does one thing - write the encoded dataset as received into the spool
+and record its job - and returns a status code; it never decodes pixels, never touches
+the model (this module must not import torch) and never raises into the association.
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import structlog
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+    HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeSettings
+from dicom_node.jobs import JobQueue
+from dicom_node.spool import Spool
+
+_config.LOG_HANDLER_LEVEL = "none"  # no per-PDU debug handlers: they cost throughput
+
+log = structlog.get_logger("dicom_node.scp")
+
+#: What we accept: uncompressed, deflate, the JPEG family, JPEG-LS, JPEG 2000, RLE.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
+    RLELossless,
+]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def association_label(assoc) -> str:
+    """`CALLING@address:port`: unique per association while it lives, readable in logs."""
+    peer = assoc.requestor
+    return f"{peer.ae_title}@{peer.address}:{peer.port}"
+
+
+class StoreHandler:
+    """EVT_C_STORE: spool the encoded dataset, record the job, then answer success."""
+
+    def __init__(self, spool: Spool, queue: JobQueue, on_stored: Callable[[], None] = lambda: None):
+        self.spool, self.queue, self.on_stored = spool, queue, on_stored
+
+    def __call__(self, event: evt.Event) -> int:
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        with structlog.contextvars.bound_contextvars(
+                association=association_label(event.assoc), sop_instance_uid=sop_uid):
+            path = None
+            try:
+                data = event.encoded_dataset(include_meta=True)
+                path = self.spool.store_received(data, sop_uid)
+                job_id, superseded = self.queue.add(
+                    sop_uid, str(request.AffectedSOPClassUID), path,
+                    calling_aet=event.assoc.requestor.ae_title)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("not stored, answered out of resources", error=repr(exc))
+                self._discard(path)
+                return OUT_OF_RESOURCES
+            except Exception as exc:  # never raise into the association
+                log.exception("not stored, answered cannot understand", error=repr(exc))
+                self._discard(path)
+                return CANNOT_UNDERSTAND
+            if superseded:
+                self._discard(*superseded)
+                log.info("superseded an earlier copy still waiting", job_id=job_id)
+            log.info("received", job_id=job_id, bytes=len(data),
+                     sop_class_uid=str(request.AffectedSOPClassUID))
+            self.on_stored()
+            return SUCCESS
+
+    def _discard(self, *paths) -> None:
+        try:
+            self.spool.remove(*(p for p in paths if p is not None))
+        except OSError:
+            pass
+
+
+def _on_echo(event: evt.Event) -> int:
+    log.info("echo", association=association_label(event.assoc))
+    return SUCCESS
+
+
+def _on_rejected(event: evt.Event) -> None:
+    log.warning("association rejected", association=association_label(event.assoc),
+                called_ae=event.assoc.acceptor.ae_title)
+
+
+def _on_accepted(event: evt.Event) -> None:
+    log.info("association accepted", association=association_label(event.assoc))
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    """The AE with our title, limits, timeouts, allowed callers and supported contexts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        value = getattr(settings, name)
+        if value is not None:
+            setattr(ae, name, value)
+    # Unknown callers are rejected during association negotiation: rejected-permanent,
+    # service user, "calling AE title not recognised".
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def start_scp(settings: NodeSettings, spool: Spool, queue: JobQueue,
+              on_stored: Callable[[], None] = lambda: None):
+    """Start serving in background threads; returns the (AE, server) pair."""
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, StoreHandler(spool, queue, on_stored)),
+        (evt.EVT_C_ECHO, _on_echo),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_REJECTED, _on_rejected),
+    ]
+    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    return ae, server

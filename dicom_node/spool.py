@@ -1,0 +1,123 @@
+"""The durable spool: received files, derived files, failed/ and the queue database.
+
+Every file lands by the same four steps: write a temporary file in the target folder,
+fsync it, rename it over the final name (atomic on POSIX), fsync the folder so the
+rename itself survives a power cut. A reader therefore sees either nothing or the
+whole file, never a torn one.
+
+Layout under [spool] dir::
+
+    incoming/<SOP Instance UID>.<token>.dcm   as received, before and during processing
+    derived/<job id>.dcm                      enhanced instance waiting to be forwarded
+    failed/<job id>-<SOP Instance UID>.dcm    held with <same name>.reason.txt beside it
+    queue.sqlite3                             the job queue (see jobs.py)
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+_TMP_PREFIX = ".partial-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write `content` (bytes, or a function writing to a binary file) to `target` durably.
+
+    The temporary file is made in the target's folder so the rename never crosses a file
+    system. On any error the temporary file is removed and the error propagates.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
+    try:
+        with open(tmp, "xb") as f:
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                f.write(content)
+            else:
+                content(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def safe_name(value: object, fallback: str = "UNKNOWN") -> str:
+    """A value (Patient ID, UID) as one safe path component."""
+    text = _UNSAFE.sub("_", str(value or "").strip()).strip("._")
+    return text[:64] or fallback
+
+
+class Spool:
+    """The folders of one node's spool; creates them on first use."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.derived = self.root / "derived"
+        self.failed = self.root / "failed"
+        self.db_path = self.root / "queue.sqlite3"
+
+    def create(self) -> Spool:
+        for folder in (self.incoming, self.derived, self.failed):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def store_received(self, data: bytes, sop_instance_uid: str) -> Path:
+        """Durably write one received instance; a unique name per receipt."""
+        name = f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
+        return write_atomic(self.incoming / name, data)
+
+    def derived_path(self, job_id: int) -> Path:
+        return self.derived / f"{job_id}.dcm"
+
+    def hold_failed(self, job_id: int, source: Path, sop_instance_uid: str, reason: str) -> Path:
+        """Move `source` into failed/ with a reason file beside it; returns the held path."""
+        self.failed.mkdir(parents=True, exist_ok=True)
+        held = self.failed / f"{job_id}-{safe_name(sop_instance_uid)}.dcm"
+        write_atomic(held.with_name(held.name + ".reason.txt"), (reason.rstrip() + "\n").encode())
+        if source.exists():
+            os.replace(source, held)
+            fsync_dir(self.failed)
+            fsync_dir(source.parent)
+        return held
+
+    def remove(self, *paths: Path) -> None:
+        """Delete spool files whose work is complete (missing ones are fine)."""
+        folders = set()
+        for path in paths:
+            try:
+                path.unlink()
+                folders.add(path.parent)
+            except FileNotFoundError:
+                pass
+        for folder in folders:
+            fsync_dir(folder)
+
+    def remove_partials(self) -> int:
+        """Delete temporary files left by a crash mid-write; returns how many."""
+        count = 0
+        for folder in (self.incoming, self.derived, self.failed):
+            for tmp in folder.glob(f"{_TMP_PREFIX}*"):
+                tmp.unlink(missing_ok=True)
+                count += 1
+        return count
+
+    def received_files(self) -> list[Path]:
+        return sorted(p for p in self.incoming.glob("*.dcm") if not p.name.startswith(_TMP_PREFIX))

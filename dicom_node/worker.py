@@ -1,0 +1,234 @@
+"""The worker process: claim jobs, enhance or pass through, forward, settle each job.
+
+Runs in its own process (multiprocessing, spawn) so that the SCP process never imports
+torch. The model is loaded once at start. One loop iteration takes a batch of ready
+jobs, prepares what each must deliver (the derived instance for CR/DX that we did not
+derive ourselves, the original unless forward_original is off), sends the batch to every
+destination over one association each, and settles every job:
+
+* every destination has every item -> done, spool files removed;
+* a permanent failure              -> failed/ with the reason, at once;
+* a transient failure              -> retried after min(max, initial * 2**n) with jitter,
+                                      until give_up_hours after receipt, then failed/.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.config import Config, RetrySettings, load_config
+from dicom_node.errors import UnsupportedImage
+from dicom_node.forwarder import Item, Outcome, make_target
+from dicom_node.jobs import Job, JobQueue
+from dicom_node.logs import configure_logging
+from dicom_node.spool import Spool, write_atomic
+
+log = structlog.get_logger("dicom_node.worker")
+
+BATCH_SIZE = 16
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_STORAGE = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
+_NAMED_CLASSES = {"CR": (CR_STORAGE,), "DX": DX_STORAGE}
+
+
+def enhanced_classes(entries: tuple[str, ...]) -> frozenset[str]:
+    """[model] enhance entries (CR, DX or SOP Class UIDs) as SOP Class UIDs."""
+    uids: set[str] = set()
+    for entry in entries:
+        uids.update(_NAMED_CLASSES.get(entry.upper(), (entry,)))
+    return frozenset(uids)
+
+
+def backoff_seconds(attempt: int, retry: RetrySettings, rng: random.Random = random) -> float:
+    """Delay before retry number `attempt` (1-based): doubled each time, +-20 % jitter, capped."""
+    base = retry.initial_seconds * 2 ** min(attempt - 1, 30)
+    return min(retry.max_seconds, base * rng.uniform(0.8, 1.2))
+
+
+@dataclass
+class Plan:
+    """What one job must deliver, or why it cannot be delivered at all."""
+    job: Job
+    items: list[Item] = field(default_factory=list)
+    failure: str | None = None     # permanent: straight to failed/
+    transient: str | None = None   # retry later (e.g. a model error)
+    note: str | None = None        # kept as the job's last_error (e.g. why not enhanced)
+    outcomes: list[tuple[str, Item, Outcome]] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, config: Config, enhancer=None, is_derived_by_us=None):
+        self.config = config
+        self.spool = Spool(config.spool.dir).create()
+        self.queue = JobQueue(self.spool.db_path)
+        self.enhancer = enhancer
+        self.is_derived_by_us = is_derived_by_us or (lambda ds: False)
+        self.enhance_classes = enhanced_classes(config.model.enhance) if enhancer else frozenset()
+        self.targets = [make_target(d, config.node) for d in config.destinations]
+
+    # --- one batch -----------------------------------------------------------------------
+
+    def run_once(self, stop=None) -> int:
+        """Claim and work one batch; returns how many jobs it took."""
+        jobs = self.queue.claim(BATCH_SIZE)
+        plans: list[Plan] = []
+        for i, job in enumerate(jobs):
+            if stop is not None and stop.is_set():
+                self.queue.release([j.id for j in jobs[i:]])
+                break
+            with structlog.contextvars.bound_contextvars(job_id=job.id,
+                                                         sop_instance_uid=job.sop_instance_uid):
+                plans.append(self.prepare(job))
+        ready = [p for p in plans if p.failure is None and p.transient is None]
+        for target in self.targets:
+            pending = [(plan, item) for plan in ready
+                       for item in plan.items
+                       if (target.name, item.kind) not in self.queue.deliveries(plan.job.id)]
+            if not pending:
+                continue
+            outcomes = target.send_batch([item for _, item in pending])
+            for (plan, item), outcome in zip(pending, outcomes):
+                plan.outcomes.append((target.name, item, outcome))
+                if outcome.delivered:
+                    self.queue.record_delivery(plan.job.id, target.name, item.kind,
+                                               item.sop_instance_uid)
+        for plan in plans:
+            with structlog.contextvars.bound_contextvars(job_id=plan.job.id,
+                                                         sop_instance_uid=plan.job.sop_instance_uid):
+                self.settle(plan)
+        return len(jobs)
+
+    def prepare(self, job: Job) -> Plan:
+        plan = Plan(job)
+        try:
+            ds = dcmread(job.path)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            ds.SOPInstanceUID  # noqa: B018 - a file without it cannot be delivered
+        except Exception as exc:
+            plan.failure = f"not a readable DICOM file: {exc}"
+            return plan
+        original = Item("original", job.path, job.sop_class_uid, job.sop_instance_uid, ts)
+        derived = None
+        if job.sop_class_uid in self.enhance_classes:
+            if self.is_derived_by_us(ds):
+                log.info("derived by this node already, forwarded as is")
+            else:
+                try:
+                    derived = self.derive(job, ds)
+                except UnsupportedImage as exc:
+                    plan.note = f"not enhanced: {exc}"
+                    log.warning("not enhanced", reason=str(exc))
+                except Exception as exc:
+                    log.exception("enhancement failed")
+                    plan.transient = f"enhancement failed: {exc!r}"
+                    return plan
+        if derived is not None:
+            plan.items.append(derived)
+            if self.config.model.forward_original:
+                plan.items.append(original)
+        elif plan.note and not self.config.model.forward_original:
+            plan.failure = f"{plan.note}; forward_original is off, so nothing can be sent"
+        else:
+            plan.items.append(original)
+        return plan
+
+    def derive(self, job: Job, ds: Dataset) -> Item:
+        """The derived instance, made once per job and kept in the spool across retries."""
+        path = self.spool.derived_path(job.id)
+        if path.exists():
+            head = dcmread(path, stop_before_pixels=True)
+        else:
+            started = time.perf_counter()
+            head = self.enhancer.enhance(ds)
+            write_atomic(path, lambda f: head.save_as(f, enforce_file_format=True))
+            log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
+                     seconds=round(time.perf_counter() - started, 3))
+        return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
+                    str(head.file_meta.TransferSyntaxUID))
+
+    def settle(self, plan: Plan) -> None:
+        job = plan.job
+        failures = [f"{dest}: {o.detail}" for dest, _, o in plan.outcomes if o.result == "failed"]
+        retries = [f"{o.detail}" for _, _, o in plan.outcomes if o.result == "retry"]
+        if plan.failure:
+            failures.insert(0, plan.failure)
+        if plan.transient:
+            retries.insert(0, plan.transient)
+        if failures:
+            self.hold(job, "; ".join(failures))
+            return
+        if retries:
+            reason = "; ".join(dict.fromkeys(retries))
+            age_hours = (time.time() - job.received_at) / 3600
+            if age_hours >= self.config.retry.give_up_hours:
+                self.hold(job, f"gave up after {job.attempts + 1} attempts over {age_hours:.1f} h:"
+                               f" {reason}")
+                return
+            delay = backoff_seconds(job.attempts + 1, self.config.retry)
+            self.queue.retry(job.id, reason, time.time() + delay)
+            log.warning("will retry", attempt=job.attempts + 1, in_seconds=round(delay, 2),
+                        error=reason)
+            return
+        self.queue.finish(job.id, plan.note)
+        self.spool.remove(job.path, self.spool.derived_path(job.id))
+        log.info("delivered", items=[i.kind for i in plan.items],
+                 destinations=[t.name for t in self.targets])
+
+    def hold(self, job: Job, reason: str) -> None:
+        text = (f"job {job.id}\nSOP Instance UID {job.sop_instance_uid}\n"
+                f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}\n"
+                f"received {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(job.received_at))}\n"
+                f"reason: {reason}\n")
+        held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)
+        self.spool.remove(self.spool.derived_path(job.id))
+        self.queue.fail(job.id, reason, held)
+        log.error("failed, held in failed/", path=str(held), reason=reason)
+
+
+def _load_enhancer(config: Config):
+    """The model, once, if anything is to be enhanced (imports torch: worker process only)."""
+    if not config.model.enhance:
+        return None, None
+    from dicom_node.enhancer import Enhancer
+    from dicom_node.writer import is_derived_by_us
+
+    started = time.perf_counter()
+    enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode)
+    log.info("model loaded", weights=str(config.model.weights), device=config.model.device,
+             mode=config.model.mode, seconds=round(time.perf_counter() - started, 2))
+    return enhancer, is_derived_by_us
+
+
+def main(config_path: str, stop, wake) -> None:
+    """Process entry point: work until `stop` is set or the parent process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    config = load_config(config_path)
+    configure_logging(config.logging.format, config.logging.level)
+    structlog.contextvars.bind_contextvars(process="worker")
+    enhancer, is_ours = _load_enhancer(config)
+    worker = Worker(config, enhancer, is_ours)
+    resumed = worker.queue.resume()
+    if resumed:
+        log.info("resumed jobs left in processing", count=resumed)
+    parent = multiprocessing.parent_process()
+    while not stop.is_set():
+        if parent is not None and not parent.is_alive():
+            log.error("node process is gone, worker stops")
+            break
+        wake.clear()  # a job stored from now on wakes the wait below
+        if worker.run_once(stop):
+            continue
+        due = worker.queue.next_due()
+        wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
+    worker.queue.resume()  # anything still claimed goes back to received
+    log.info("worker stopped", pid=os.getpid())
