@@ -28,7 +28,9 @@ def output_path(out_dir: Path, ds) -> Path:
 @click.option("--mode", type=click.Choice(["voi", "burn-in"]), default="voi", show_default=True)
 @click.option("--weights", type=click.Path(dir_okay=False), default=str(DEFAULT_WEIGHTS), show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-def enhance(paths, out_dir, mode, weights, device):
+@click.option("--parametric-map", "parametric_map", is_flag=True,
+              help="Also write the maps a, b, wc, ww as a DICOM Parametric Map next to each enhanced file.")
+def enhance(paths, out_dir, mode, weights, device, parametric_map):
     """Enhance DICOM radiographs in PATHS (files or folders) into --out."""
     from tqdm import tqdm
 
@@ -47,11 +49,15 @@ def enhance(paths, out_dir, mode, weights, device):
     done, failures = 0, []
     for path in tqdm(files, desc="enhancing", unit="image", disable=None):
         try:
-            derived = enhancer.enhance(load_dataset(path))
+            source = load_dataset(path)
+            derived, prediction = enhancer.enhance_with_prediction(source)
         except UnsupportedImage as exc:
             failures.append((path, str(exc)))
             continue
         derived.save_as(output_path(out, derived), enforce_file_format=True)
+        if parametric_map:
+            maps = enhancer.parametric_map(source, prediction)
+            maps.save_as(output_path(out, maps), enforce_file_format=True)
         done += 1
     for path, reason in failures:
         click.echo(f"skipped {path}: {reason}", err=True)

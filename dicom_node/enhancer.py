@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.reader import read_radiograph
 from dicom_node.writer import MODES, ModelStamp, derive_instance
-from model.predictor import Predictor
+from model.predictor import Prediction, Predictor
 
 
 class Enhancer:
@@ -25,14 +25,28 @@ class Enhancer:
 
     def enhance(self, ds: Dataset) -> Dataset:
         """The new derived instance; UnsupportedImage for anything that is not a radiograph."""
+        return self.enhance_with_prediction(ds)[0]
+
+    def enhance_with_prediction(self, ds: Dataset) -> tuple[Dataset, Prediction]:
+        """The derived instance and the Prediction it was written from (its maps feed the
+        Parametric Map, `parametric_map(ds, prediction)`)."""
         x = read_radiograph(ds)
         burn_in = self.mode == "burn-in"
         prediction = self.predictor(x, want_z=burn_in)
-        return derive_instance(
+        derived = derive_instance(
             ds,
             y=prediction.y.cpu().numpy(),
             z=prediction.z.cpu().numpy() if burn_in else None,
             window=prediction.window,
             stamp=self.stamp,
             mode=self.mode,
+        )
+        return derived, prediction
+
+    def parametric_map(self, ds: Dataset, prediction: Prediction) -> Dataset:
+        """The DICOM Parametric Map of the prediction's maps a, b, wc, ww, referencing `ds`."""
+        from dicom_node.parametric_map import build_parametric_map
+
+        return build_parametric_map(
+            ds, maps=prediction.maps.detach().cpu().float().numpy(), downsample=prediction.downsample, stamp=self.stamp
         )
