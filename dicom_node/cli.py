@@ -40,3 +40,8 @@ from dicom_node.node_commands import echo, serve, status  # noqa: E402
 main.add_command(serve)
 main.add_command(status)
 main.add_command(echo)
+
+
+from dicom_node.explain import explain  # noqa: E402
+
+main.add_command(explain)

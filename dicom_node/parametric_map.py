@@ -43,7 +43,6 @@ again gives the same UIDs and a retry can never duplicate the object in PACS.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from importlib import metadata

@@ -40,6 +40,16 @@ def make_constant_checkpoint(path, a=1.0, b=0.0, wc=0.5, ww=0.5, downsample=8, w
     return Path(path)
 
 
+def make_seeded_checkpoint(path, seed=7, downsample=8, width=8) -> Path:
+    """Untrained but fixed weights (torch.manual_seed): maps that vary over the image, so a round
+    trip that mixes up frames, rows or columns fails. Only for comparing two real outputs of the
+    same model, never for asserting specific values."""
+    torch.manual_seed(seed)
+    config = ModelConfig(downsample=downsample, width=width)
+    save_checkpoint(path, build_model(config), meta={"purpose": f"test: seeded weights, seed {seed}"})
+    return Path(path)
+
+
 def phantom_radiograph(rows=1200, cols=1000, bits=12, seed=0) -> np.ndarray:
     """A small Beer-Lambert-like phantom as stored values: body ellipse, two bones, air around."""
     rng = np.random.default_rng(seed)

@@ -23,18 +23,8 @@ from dicom_node.parametric_map import (
 )
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import ModelStamp, is_derived_by_us
-from model.checkpoint import save_checkpoint
-from model.net import ModelConfig, build_model
 from model.remap import remap
-from tests.helpers import phantom_dataset, testdata
-
-
-def make_seeded_checkpoint(path, seed=7, downsample=8):
-    """Untrained but fixed weights: maps that vary over the image, so a round trip that mixes up
-    frames, rows or columns fails. Assertions compare two real outputs, never specific values."""
-    torch.manual_seed(seed)
-    save_checkpoint(path, build_model(ModelConfig(downsample=downsample, width=8)), meta={"purpose": "test: seeded"})
-    return path
+from tests.helpers import make_seeded_checkpoint, phantom_dataset, testdata
 
 
 @pytest.fixture(scope="module")
