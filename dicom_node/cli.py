@@ -45,3 +45,9 @@ main.add_command(echo)
 from dicom_node.explain import explain  # noqa: E402
 
 main.add_command(explain)
+
+from training.commands import evaluate_command, synth_command, train_command  # noqa: E402
+
+main.add_command(synth_command)
+main.add_command(train_command)
+main.add_command(evaluate_command)

@@ -1,0 +1,227 @@
+"""Teacher, phantoms, perturbations, synth archives and the archive reader (issue 4)."""
+from __future__ import annotations
+
+import csv
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from model.remap import remap
+from training.archive import Archive, fit_maps
+from training.errors import ArchiveError
+from training.perturb import random_perturbation
+from training.phantoms import ANATOMIES, make_phantom
+from training.synth import MANIFEST_COLUMNS, synthesise
+from training.teacher import teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory):
+    """4 phantoms + 2 real radiographs, 2 acquisitions each, longest side <= 320 px."""
+    return synthesise(tmp_path_factory.mktemp("arch") / "tiny", n=4, seed=7, perturbations=2, max_size=320)
+
+
+@pytest.mark.parametrize("anatomy", ANATOMIES)
+def test_teacher_on_phantom_is_monotonic_with_window_inside_unit_range(anatomy):
+    ph = make_phantom(anatomy, 300, 260, seed=3)
+    maps = teacher(ph.x, ph.mask)
+    assert (maps.a >= 0).all()
+    assert 0 <= maps.wc <= 1 and 0 < maps.ww <= 1
+    assert maps.wc - maps.ww / 2 >= 0 and maps.wc + maps.ww / 2 <= 1
+    # y is monotonic in x: for every pixel's own LUT (a >= 0), and on the ramp of x through one pixel
+    ramp = torch.linspace(0, 1, 101)
+    y = remap(ramp, float(maps.a[150, 130]), float(maps.b[150, 130]), maps.wc, maps.ww).y
+    assert (torch.diff(y) >= 0).all()
+
+
+@pytest.mark.parametrize("anatomy", ANATOMIES)
+def test_phantom_has_anatomy_air_collimation_and_range(anatomy):
+    ph = make_phantom(anatomy, 400, 300, seed=1)
+    assert ph.x.dtype == np.float32 and 0 <= ph.x.min() and ph.x.max() <= 1
+    assert 0.05 < ph.mask.mean() < 0.95  # anatomy, and something that is not anatomy
+    border = np.concatenate([ph.x[0], ph.x[-1], ph.x[:, 0], ph.x[:, -1]])
+    assert np.median(border) > np.median(ph.x[ph.mask])  # collimation is the bright plateau
+
+
+def test_perturbation_ground_truth_is_exact():
+    ph = make_phantom("chest", 256, 240, seed=2)
+    maps = teacher(ph.x, ph.mask)
+    for k in range(5):
+        pert = random_perturbation(ph.x, np.random.default_rng(k))
+        xp = pert.apply(ph.x)
+        a2, b2 = pert.correct(maps.a, maps.b)
+        assert 0 <= xp.min() and xp.max() <= 1
+        assert np.ptp(pert.alpha) > 0  # a spatially varying gain, not only a global one
+        ref = remap(torch.from_numpy(ph.x), torch.from_numpy(maps.a), torch.from_numpy(maps.b), maps.wc, maps.ww)
+        out = remap(torch.from_numpy(xp), torch.from_numpy(a2), torch.from_numpy(b2), maps.wc, maps.ww)
+        assert torch.allclose(out.y, ref.y, atol=1e-5) and torch.allclose(out.z, ref.z, atol=1e-5)
+
+
+def test_synth_is_deterministic_for_a_seed(tmp_path):
+    a = synthesise(tmp_path / "a", n=2, seed=11, perturbations=2, max_size=200, real=False)
+    b = synthesise(tmp_path / "b", n=2, seed=11, perturbations=2, max_size=200, real=False)
+    c = synthesise(tmp_path / "c", n=2, seed=12, perturbations=2, max_size=200, real=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "raw/chest-0000-p0.dcm").read_bytes() != (c / "raw/chest-0000-p0.dcm").read_bytes()
+
+
+def test_synth_archive_format_and_no_leakage(tiny_archive):
+    with open(tiny_archive / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == MANIFEST_COLUMNS
+    assert len(rows) == 6 * 2
+    split_of = {}
+    for r in rows:
+        assert r["split"] in ("train", "val", "test")
+        assert split_of.setdefault(r["group"], r["split"]) == r["split"]  # one split per anatomy
+        assert (tiny_archive / r["raw"]).is_file() and (tiny_archive / r["params"]).is_file()
+    assert {"train", "test"} <= set(split_of.values())
+    import pydicom
+
+    kinds = {(ds.Modality, ds.PhotometricInterpretation, ds.BitsStored)
+             for ds in (pydicom.dcmread(tiny_archive / r["raw"]) for r in rows)}
+    assert len(kinds) > 1  # mixed modality / photometric / bit depth
+
+
+def test_perturbed_acquisitions_of_one_anatomy_share_their_target(tiny_archive, tmp_path):
+    arch = Archive(tiny_archive, 8, cache=tmp_path / "cache")
+    items = arch.items()
+    by_group = {}
+    for it in items:
+        by_group.setdefault(it.group, []).append(it)
+    for group, its in by_group.items():
+        x0, x1 = np.asarray(its[0].x, np.float32), np.asarray(its[1].x, np.float32)
+        z0, z1 = np.asarray(its[0].z, np.float32), np.asarray(its[1].z, np.float32)
+        assert np.abs(x0 - x1).mean() > 0.01, group  # different acquisitions
+        assert np.abs(z0 - z1).mean() < 0.01 * np.abs(x0 - x1).mean() + 2e-3, group  # the same presentation
+
+
+def test_zip_archive_reads_like_the_folder(tiny_archive, tmp_path):
+    zpath = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in tiny_archive.rglob("*"):
+            if p.is_file():
+                z.write(p, p.relative_to(tiny_archive).as_posix())
+    a = Archive(zpath, 8, cache=tmp_path / "zc").items("test")
+    b = Archive(tiny_archive, 8, cache=tmp_path / "fc").items("test")
+    assert [i.id for i in a] == [i.id for i in b]
+    assert np.array_equal(np.asarray(a[0].z), np.asarray(b[0].z))
+
+
+def test_cache_is_reused_not_redecoded(tiny_archive, tmp_path):
+    cache = tmp_path / "cache"
+    Archive(tiny_archive, 8, cache=cache).items()
+    stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    Archive(tiny_archive, 8, cache=cache).items()
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+
+
+# ---- archive validation: every error names the row, column and file ---------------------------
+
+def _copy_archive(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    return rows
+
+
+def _write_manifest(path, rows):
+    with open(path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_missing_file_is_named(tiny_archive, tmp_path):
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    (tmp_path / "a" / rows[2]["raw"]).unlink()
+    with pytest.raises(ArchiveError, match=rf"row 3 \(id '{rows[2]['id']}'\), column 'raw', file '{rows[2]['raw']}': missing file"):
+        Archive(tmp_path / "a")
+
+
+def test_unreadable_dicom_is_named(tiny_archive, tmp_path):
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    (tmp_path / "a" / rows[4]["raw"]).write_bytes(b"this is not DICOM at all")
+    with pytest.raises(ArchiveError, match=rf"row 5 \(id '{rows[4]['id']}'\), column 'raw', file '{rows[4]['raw']}': unreadable DICOM"):
+        Archive(tmp_path / "a")
+
+
+def test_target_geometry_mismatch_is_named(tiny_archive, tmp_path):
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    rows[1]["target"] = rows[3]["raw"]  # another anatomy: another size
+    rows[1]["params"] = ""
+    _write_manifest(tmp_path / "a", rows)
+    with pytest.raises(ArchiveError, match=rf"row 2 \(id '{rows[1]['id']}'\), column 'target', file '{rows[3]['raw']}': target geometry mismatch"):
+        Archive(tmp_path / "a")
+
+
+def test_bad_split_value_is_named(tiny_archive, tmp_path):
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    rows[0]["split"] = "training"
+    _write_manifest(tmp_path / "a", rows)
+    with pytest.raises(ArchiveError, match=r"row 1 \(id '.*'\), column 'split': bad split value 'training'"):
+        Archive(tmp_path / "a")
+
+
+def test_row_without_target_or_params_is_named(tiny_archive, tmp_path):
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    rows[5]["params"] = ""
+    _write_manifest(tmp_path / "a", rows)
+    with pytest.raises(ArchiveError, match=rf"row 6 \(id '{rows[5]['id']}'\): neither target nor params"):
+        Archive(tmp_path / "a")
+
+
+def test_archive_errors_are_one_line_in_the_cli(tiny_archive, tmp_path):
+    from click.testing import CliRunner
+
+    from dicom_node.cli import main
+
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    rows[0]["split"] = "nope"
+    _write_manifest(tmp_path / "a", rows)
+    result = CliRunner().invoke(main, ["train", "--archive", str(tmp_path / "a"), "--out", str(tmp_path / "w.pt")])
+    assert result.exit_code == 2
+    assert "bad split value 'nope'" in result.output and "Traceback" not in result.output
+
+
+# ---- target-only rows: maps fitted from raw + target ------------------------------------------
+
+def test_fit_maps_recovers_a_smooth_regional_lut():
+    ph = make_phantom("pelvis", 256, 256, seed=4)
+    maps = teacher(ph.x, ph.mask)
+    y = np.clip(maps.a * ph.x + maps.b, 0, 1)
+    a, b = fit_maps(ph.x, y)
+    assert (a >= 0).all()
+    fitted = remap(torch.from_numpy(ph.x), torch.from_numpy(a), torch.from_numpy(b), maps.wc, maps.ww).z
+    target = remap(torch.from_numpy(ph.x), torch.from_numpy(maps.a), torch.from_numpy(maps.b), maps.wc, maps.ww).z
+    mse = float(((fitted - target) ** 2).mean())
+    assert -10 * np.log10(mse) > 35
+
+
+def test_target_only_rows_are_fitted(tiny_archive, tmp_path):
+    """A target DICOM (the presentation z as pixels) instead of params: maps are fitted."""
+    from training.synth import radiograph_dataset
+
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    arch_params = Archive(tiny_archive, 8, cache=tmp_path / "c0")
+    item = arch_params.item(arch_params.rows[0])
+    z = np.asarray(item.z, np.float32)
+    ds = radiograph_dataset(z, bits=16, photometric="MONOCHROME2", modality="CR", uid_key="target-0")
+    ds.save_as(tmp_path / "a" / "target0.dcm", enforce_file_format=True)
+    rows[0]["target"], rows[0]["params"] = "target0.dcm", ""
+    _write_manifest(tmp_path / "a", rows)
+    arch = Archive(tmp_path / "a", 8, cache=tmp_path / "c1")
+    fitted = arch.item(arch.rows[0])
+    _, maps = fitted.low()
+    assert (maps[0] >= 0).all() and (maps[3] > 0).all()
+    x = torch.from_numpy(np.asarray(fitted.x, np.float32))
+    z_fit = remap(x, *torch.from_numpy(maps)[:, None, None].unbind(0), downsample=8).z.numpy()
+    psnr = -10 * np.log10(np.mean((z_fit - z) ** 2))
+    assert psnr > 25, psnr

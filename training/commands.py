@@ -1,0 +1,93 @@
+"""CLI commands of the training side: synth, train, evaluate (registered in dicom_node.cli).
+
+Heavy modules (torch, the training code) are imported inside the command bodies.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+
+@click.command("synth")
+@click.option("--out", "out", required=True, type=click.Path(), help="Archive folder (or .zip path) to write.")
+@click.option("--n", "n", default=40, show_default=True, type=click.IntRange(1), help="Number of phantom anatomies.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Everything is a function of the seed.")
+@click.option("--perturbations", "perturbations", default=4, show_default=True, type=click.IntRange(1),
+              help="Acquisitions (x' = alpha x + beta) per anatomy.")
+@click.option("--zip", "make_zip", is_flag=True, help="Write a .zip instead of a folder.")
+@click.option("--max-size", default=4096, show_default=True, type=click.IntRange(64, 4096),
+              help="Scale the phantom sizes (1000–4096 px by default) so the longest side is at most this.")
+@click.option("--real/--no-real", default=True, show_default=True, help="Include the pydicom-data radiographs.")
+def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
+    """Write a synthetic annotated archive (phantoms + real radiographs, exact ground truth)."""
+    from training.synth import synthesise
+
+    count = [0]
+
+    def progress(rid):
+        count[0] += 1
+        click.echo(f"\r{count[0]} images ({rid})", nl=False, err=True)
+
+    path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress)
+    click.echo("", err=True)
+    click.echo(f"wrote {count[0]} acquisitions to {path}")
+
+
+@click.command("train")
+@click.option("--archive", required=True, type=click.Path(exists=True), help="Annotated archive (folder or .zip).")
+@click.option("--out", "out", required=True, type=click.Path(), help="Best checkpoint; W.last and W.train-state beside it.")
+@click.option("--downsample", default=8, show_default=True, type=click.Choice(["4", "8", "16"]), help="Model resolution.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
+@click.option("--resume", default=None, type=click.Path(), help="Continue the run whose best checkpoint is W.")
+@click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
+@click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
+@click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
+@click.option("--map-weights", default="1,1,1,1", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
+@click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
+@click.option("--max-minutes", default=0.0, show_default=True, type=float, help="Stop before passing this wall time (0: none).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=0, show_default=True, type=int, help="Torch threads per process (0: cores/processes).")
+@click.option("--no-augment", is_flag=True, help="Disable on-the-fly augmentation.")
+@click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
+def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
+                  patience, max_minutes, seed, threads, no_augment, cache, no_progress):
+    """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
+    from training.loop import TrainConfig, train
+
+    weights = tuple(float(v) for v in map_weights.split(","))
+    if len(weights) != 4:
+        raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
+    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, epochs=epochs, lr=lr,
+                      batch=batch, crop=crop, image_weight=image_weight, map_weights=weights, patience=patience,
+                      max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
+                      cache=cache, resume=resume or "", progress=not no_progress)
+    train(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
+
+
+@click.command("evaluate")
+@click.option("--archive", required=True, type=click.Path(exists=True), help="Annotated archive (folder or .zip).")
+@click.option("--weights", required=True, type=click.Path(), help="Checkpoint to evaluate.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--csv", "csv_path", default=None, type=click.Path(), help="Per-image results as CSV.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
+def evaluate_command(archive, weights, split, csv_path, device, cache):
+    """PSNR/SSIM/map MAE/consistency of a model vs references (A) percentile window and (B) teacher."""
+    from training.evaluate import evaluate
+
+    result = evaluate(archive, weights, split=split, device=device, csv_path=csv_path, cache=cache or None,
+                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True))
+    click.echo("", err=True)
+    n = result.summary[0]["images"]
+    click.echo(f"split {split}: {n} images; PSNR/SSIM of z (displayed), full resolution, data_range 1")
+    click.echo(result.table())
+    m = result.summary[0]
+    click.echo(f"model map MAE: a {m['a_mae']:.4f}  b {m['b_mae']:.4f}  wc {m['wc_mae']:.4f}  ww {m['ww_mae']:.4f}")
+    if csv_path:
+        click.echo(f"per-image results: {csv_path}")

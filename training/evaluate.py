@@ -1,0 +1,143 @@
+"""`dicom-node evaluate`: fidelity and consistency of a model against two classical references.
+
+For every row of the split (cached by training.archive):
+  model  the shipped inference path, model.predictor.Predictor: maps at /ds, full-resolution remap,
+         z with the per-pixel window maps.
+  (A)    per-image percentile window: y = x, wc/ww from the 1st/99th percentiles of x over the
+         whole image (ww = spread / 1.2, as the teacher's window).
+  (B)    the teacher run on the (perturbed) input, with the anatomy mask it finds by itself
+         (training.teacher.find_anatomy_mask), as any classical pipeline must.
+Metrics, all on the displayed presentation z in [0, 1], at full resolution:
+  PSNR and SSIM against the target z (scikit-image, data_range=1.0); parameter-map MAE of the
+  model's a, b, wc, ww against the ground truth at the model's resolution; and consistency:
+  for each anatomy group with >= 2 acquisitions in the split, the mean over pixels of the
+  standard deviation across acquisitions of the output divided by the same of the raw inputs
+  (lower = more consistent; 0 would also be reached by a constant output, so it is always
+  reported beside PSNR/SSIM). The target itself scores ~0 (every acquisition has one target).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.remap import downsample_image, remap
+from training.archive import Archive
+from training.teacher import TeacherParams, find_anatomy_mask, teacher
+
+METHODS = ("model", "A: percentile window", "B: teacher on input")
+SSIM_MAX_SIDE = 0  # 0: SSIM at full resolution
+
+
+def percentile_window(x: np.ndarray, params: TeacherParams = TeacherParams()) -> np.ndarray:
+    """Reference (A): identity regional LUT and a global window from x's own percentiles."""
+    sample = x[:: max(1, x.shape[0] // 1024), :: max(1, x.shape[1] // 1024)]
+    lo, hi = np.percentile(sample, [params.p_lo, params.p_hi])
+    wc = float(np.clip((lo + hi) / 2, 0, 1))
+    ww = float(np.clip((hi - lo) / params.ww_squeeze, params.min_ww, 1.0))
+    return remap(torch.from_numpy(x), 1.0, 0.0, wc, ww).z.numpy()
+
+
+def teacher_on_input(x: np.ndarray) -> np.ndarray:
+    """Reference (B): the classical teacher with its own anatomy mask."""
+    return teacher(x, find_anatomy_mask(x)).remap(x)[1]
+
+
+def fidelity(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    pred = np.asarray(pred, dtype=np.float32)
+    target = np.asarray(target, dtype=np.float32)
+    psnr = peak_signal_noise_ratio(target, pred, data_range=1.0)
+    ssim = structural_similarity(target, pred, data_range=1.0)
+    return float(psnr), float(ssim)
+
+
+@dataclass
+class Result:
+    rows: list[dict]
+    summary: list[dict]
+
+    def table(self) -> str:
+        head = f"{'method':<24} {'PSNR dB':>8} {'SSIM':>7} {'consistency':>12} {'s/image':>8}"
+        lines = [head, "-" * len(head)]
+        for s in self.summary:
+            lines.append(f"{s['method']:<24} {s['psnr']:>8.2f} {s['ssim']:>7.4f} {s['consistency']:>12.3f} {s['seconds']:>8.2f}")
+        return "\n".join(lines)
+
+
+def evaluate(archive: str | Path, weights: str | Path, split: str = "test", device: str = "cpu",
+             csv_path: str | Path | None = None, cache: str | None = None, progress=None) -> Result:
+    from model.predictor import Predictor
+
+    predictor = Predictor(weights, device)
+    ds = predictor.checkpoint.config.downsample
+    arch = Archive(archive, ds, cache=cache)
+    items = arch.items(split)
+    if not items:
+        raise ValueError(f"archive {archive}: no rows with split {split!r}")
+    rows, outputs = [], {m: {} for m in METHODS}
+    raws = {}
+    for item in items:
+        x = np.asarray(item.x, dtype=np.float32)
+        target = np.asarray(item.z, dtype=np.float32)
+        _, maps_gt = item.low()
+        raws[item.id] = downsample_image(torch.from_numpy(x), 4)[0, 0].numpy()
+        t = time.perf_counter()
+        pred = predictor(x)
+        z_model = pred.z.cpu().numpy()
+        t_model = time.perf_counter() - t
+        mae = np.abs(pred.maps.cpu().numpy() - maps_gt).mean(axis=(1, 2))
+        t = time.perf_counter()
+        z_a = percentile_window(x)
+        t_a = time.perf_counter() - t
+        t = time.perf_counter()
+        z_b = teacher_on_input(x)
+        t_b = time.perf_counter() - t
+        for method, z, secs in zip(METHODS, (z_model, z_a, z_b), (t_model, t_a, t_b)):
+            psnr, ssim = fidelity(z, target)
+            row = {"id": item.id, "group": item.group, "method": method, "rows": x.shape[0], "cols": x.shape[1],
+                   "psnr": psnr, "ssim": ssim, "seconds": secs}
+            if method == "model":
+                row.update({f"{k}_mae": float(v) for k, v in zip(("a", "b", "wc", "ww"), mae)})
+            rows.append(row)
+            # consistency is computed on a /4 copy (the spread of smooth acquisition changes)
+            outputs[method][item.id] = downsample_image(torch.from_numpy(np.ascontiguousarray(z)), 4)[0, 0].numpy()
+        if progress:
+            progress(item.id)
+
+    groups: dict[str, list[str]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item.id)
+    groups = {g: ids for g, ids in groups.items() if len(ids) >= 2 and len({raws[i].shape for i in ids}) == 1}
+
+    def consistency(method: str) -> float:
+        ratios = []
+        for ids in groups.values():
+            out = np.stack([outputs[method][i] for i in ids])
+            raw = np.stack([raws[i] for i in ids])
+            ratios.append(out.std(axis=0).mean() / max(raw.std(axis=0).mean(), 1e-9))
+        return float(np.mean(ratios)) if ratios else float("nan")
+
+    summary = []
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "psnr": float(np.mean([r["psnr"] for r in mine])),
+                 "ssim": float(np.mean([r["ssim"] for r in mine])), "consistency": consistency(method),
+                 "seconds": float(np.mean([r["seconds"] for r in mine])), "images": len(mine)}
+        if method == "model":
+            for k in ("a", "b", "wc", "ww"):
+                entry[f"{k}_mae"] = float(np.mean([r[f"{k}_mae"] for r in mine]))
+        summary.append(entry)
+    if csv_path:
+        fields = ["id", "group", "method", "rows", "cols", "psnr", "ssim", "seconds", "a_mae", "b_mae", "wc_mae", "ww_mae"]
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    return Result(rows=rows, summary=summary)

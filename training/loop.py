@@ -1,0 +1,264 @@
+"""Training loop: read it top to bottom (nanoGPT's train.py is the model for its shape).
+
+    dicom-node train --archive A --out W            # one process
+    torchrun --nproc_per_node 2 -m training.loop --archive A --out W   # DDP, same result
+
+Loss (paper, Eqn 1): MSE(z_pred, z_gt) on full-resolution crops, z_pred = remap(crop of x, maps
+upsampled from the prediction) through model.remap, plus MSE of each of a, b, wc, ww at the
+model's resolution. Weights per term are in TrainConfig (Eqn 1 = all ones).
+
+Defaults differ from the paper's (Adam lr 1e-5, batch 1, trained to convergence on an A100):
+we have ~30 minutes on 2 CPU cores, i.e. a few thousand samples. lr 1e-3 with warm-up and
+cosine decay converges in that budget (1e-5 barely moves in it); batch 4 averages the
+randomly placed image crops, so the step is less noisy at that larger rate.
+
+Multi-process: under torchrun (WORLD_SIZE > 1) each process takes every world-th sample of
+each global batch, per-sample losses are scaled by 1/global batch and the gradients summed
+across processes (torch.distributed all-reduce; gloo on CPU, nccl on GPU), so a step equals
+the one-process step up to float summation order. Augmentation is seeded per (epoch, sample),
+never per process.
+
+Files: W (best validation loss), W.last (last epoch), W.train-state (optimizer, epoch, RNG
+state, early-stop counters: what --resume needs). Checkpoints are model.checkpoint's format,
+with the training config and history in meta.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.net import ModelConfig, build_model
+from model.remap import remap
+from training.archive import Archive
+from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample
+
+
+@dataclass
+class TrainConfig:
+    archive: str = ""
+    out: str = "var/train/model.pt"
+    downsample: int = 8
+    width: int = 32
+    levels: int = 5
+    parameterisation: str = "relative"
+    epochs: int = 30
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.02  # cosine decays to lr * this
+    warmup_steps: int = 50
+    batch: int = 4
+    crop: int = 512  # full-resolution crop side for the image term
+    image_weight: float = 1.0
+    map_weights: tuple = (1.0, 1.0, 1.0, 1.0)  # a, b, wc, ww
+    patience: int = 10  # epochs without a better validation loss before stopping
+    max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch threads per process; 0 = cores / processes
+    augment: bool = True
+    cache: str = ""
+    resume: str = ""
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
+    """Eqn 1 for one sample: image MSE on the full-resolution crop + MSE of every map."""
+    pred = model(s.x_low[None].to(device))  # (1, 4, h, w)
+    size = tuple(s.x_crop.shape[-2:])
+    full = crop_maps(pred, s.top, s.left, size, cfg.downsample)
+    z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
+    image = F.mse_loss(z, s.z_crop[None].to(device))
+    gt = s.maps.to(device)
+    maps = [F.mse_loss(pred[0, i], gt[i]) for i in range(4)]
+    total = cfg.image_weight * image + sum(w * m for w, m in zip(cfg.map_weights, maps))
+    return total, {"image": image.item(), "a": maps[0].item(), "b": maps[1].item(), "wc": maps[2].item(), "ww": maps[3].item()}
+
+
+@torch.no_grad()
+def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> dict:
+    """Whole-image validation, exactly as the predictor runs: maps from the cached /ds input,
+    remap of the full-resolution x. Returns mean loss, image MSE and PSNR over the split."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, item in enumerate(items):
+        if i % world != rank:
+            continue
+        x_low, maps_gt = item.low()
+        pred = model(torch.from_numpy(x_low)[None, None].to(device))
+        x = torch.from_numpy(np.asarray(item.x, dtype=np.float32)).to(device)
+        z = remap(x, *pred.split(1, dim=1), downsample=cfg.downsample).z
+        image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device)).item()
+        gt = torch.from_numpy(maps_gt).to(device)
+        maps = [F.mse_loss(pred[0, k], gt[k]).item() for k in range(4)]
+        loss = cfg.image_weight * image + sum(w * m for w, m in zip(cfg.map_weights, maps))
+        sums += torch.tensor([loss, image, 1.0], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train()
+    n = max(sums[2].item(), 1.0)
+    loss, image = sums[0].item() / n, sums[1].item() / n
+    return {"loss": loss, "image_mse": image, "psnr": -10 * math.log10(max(image, 1e-12))}
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up (at most a tenth of the run), then cosine decay to lr * min_lr_ratio."""
+    warmup = min(cfg.warmup_steps, total // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, command: str = "") -> dict:
+    # ---- processes and device ----------------------------------------------------------
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    main = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+
+    # ---- data: rank 0 decodes and caches, the others wait and then read the cache --------
+    archive = Archive(cfg.archive, cfg.downsample, cache=cfg.cache or None)
+    if main:
+        t0 = time.time()
+        archive.items()
+        log(f"archive {cfg.archive}: {len(archive.rows)} rows cached in {time.time() - t0:.0f}s")
+    if world > 1:
+        torch.distributed.barrier()
+    train_items, val_items = archive.items("train"), archive.items("val")
+    if not train_items:
+        raise ValueError(f"archive {cfg.archive}: no rows with split 'train'")
+    if not val_items:
+        log("warning: no 'val' rows; validating on the training rows")
+        val_items = train_items
+    aug = AugmentConfig() if cfg.augment else NO_AUGMENT
+
+    # ---- model and optimiser ---------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    mconf = ModelConfig(downsample=cfg.downsample, width=cfg.width, levels=cfg.levels, parameterisation=cfg.parameterisation)
+    model = build_model(mconf).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    out = Path(cfg.out)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch)
+    total_steps = steps_per_epoch * cfg.epochs
+    state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "history": []}
+    if cfg.resume:
+        resume = Path(cfg.resume)
+        ckpt = load_checkpoint(resume.with_name(resume.name + ".last"), "cpu")
+        model.load_state_dict(ckpt.model.state_dict())
+        saved = torch.load(resume.with_name(resume.name + ".train-state"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        log(f"resumed from {resume} at epoch {state['epoch']}")
+    if world > 1:  # identical start everywhere
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, 0)
+    for p in model.parameters():  # a process with no sample in a batch still all-reduces zeros
+        p.grad = torch.zeros_like(p)
+    model.train()
+
+    def save(path: Path, val: dict):
+        meta = {"train_config": {k: v for k, v in asdict(cfg).items()}, "epoch": state["epoch"], "step": state["step"],
+                "val": val, "best_val_loss": state["best"], "archive": str(cfg.archive), "command": command,
+                "world_size": world, "history": state["history"]}
+        return save_checkpoint(path, model, meta)
+
+    # ---- epochs --------------------------------------------------------------------------------
+    start = time.time() - state["elapsed"]
+    epoch_seconds = 0.0
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        if cfg.max_minutes and (time.time() - start) + epoch_seconds > cfg.max_minutes * 60:
+            log(f"stopping: another epoch would pass --max-minutes {cfg.max_minutes}")
+            break
+        t_epoch = time.time()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_items))
+        batches = [order[i:i + cfg.batch] for i in range(0, len(order), cfg.batch)]
+        bar = None
+        if main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        sums = {}
+        for batch in batches:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(state["step"], total_steps, cfg)
+            optimizer.zero_grad(set_to_none=False)
+            for j, idx in enumerate(batch):
+                if j % world != rank:
+                    continue
+                rng = np.random.default_rng([cfg.seed, epoch, int(idx)])
+                s = make_sample(train_items[idx], rng, cfg.crop, cfg.downsample, aug)
+                loss, parts = sample_loss(model, s, cfg, device)
+                (loss / len(batch)).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["n"] = sums.get("n", 0) + 1
+            if world > 1:
+                for p in model.parameters():
+                    torch.distributed.all_reduce(p.grad)
+            optimizer.step()
+            state["step"] += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(img=f"{sums.get('image', 0) / max(sums.get('n', 1), 1):.2e}")
+        if bar:
+            bar.close()
+        val = validate(model, val_items, cfg, device, rank, world)
+        state["epoch"] += 1
+        epoch_seconds = time.time() - t_epoch
+        state["elapsed"] = time.time() - start
+        n = max(sums.get("n", 1), 1)
+        record = {"epoch": state["epoch"], "train_image_mse": sums.get("image", 0) / n,
+                  **{f"train_{k}_mse": sums.get(k, 0) / n for k in ("a", "b", "wc", "ww")},
+                  "val_loss": val["loss"], "val_psnr": val["psnr"], "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": epoch_seconds}
+        state["history"].append(record)
+        improved = val["loss"] < state["best"]
+        if improved:
+            state["best"], state["best_epoch"], state["bad_epochs"] = val["loss"], state["epoch"], 0
+        else:
+            state["bad_epochs"] += 1
+        log(f"epoch {state['epoch']:3d}  train img {record['train_image_mse']:.2e} a {record['train_a_mse']:.2e} "
+            f"b {record['train_b_mse']:.2e} wc {record['train_wc_mse']:.2e} ww {record['train_ww_mse']:.2e}  "
+            f"val loss {val['loss']:.3e} psnr {val['psnr']:.2f} dB  lr {record['lr']:.1e}  "
+            f"{epoch_seconds:.0f}s{'  *best' if improved else ''}")
+        if main:
+            if improved:
+                save(out, val)
+            save(out.with_name(out.name + ".last"), val)
+            torch.save({"optimizer": optimizer.state_dict(), "state": state, "train_config": asdict(cfg)},
+                       out.with_name(out.name + ".train-state"))
+        if state["bad_epochs"] >= cfg.patience:
+            log(f"early stop: no better validation loss for {cfg.patience} epochs")
+            break
+    log(f"done: best val loss {state['best']:.3e} at epoch {state['best_epoch']}, {state['elapsed'] / 60:.1f} min; best -> {out}")
+    if world > 1:
+        torch.distributed.barrier()
+    return state
+
+
+def main(argv=None):
+    """`python -m training.loop` (for torchrun): the same options as `dicom-node train`."""
+    from training.commands import train_command
+
+    train_command.main(args=argv, prog_name="training.loop", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()
