@@ -10,7 +10,8 @@ The points are chosen from intensity alone, not by segmentation, on the image at
 resolution and away from a 10 % border (collimation, burnt-in labels): "dark: lung/air" and
 "mid: soft tissue" are the most homogeneous spots near the 3rd and 50th percentile of x,
 "bright: bone" the spot among the brightest quarter that stands out most above its surroundings
-(bone is brighter than its neighbourhood; a large bright area is dense soft tissue). In chest and
+(bone is brighter than its neighbourhood; a large bright area is dense soft tissue), keeping
+away from the brightest plateau (collimation, where the field is collimated). In chest and
 skeletal radiographs they land in the tissue the label names; in any image they are a dark, a
 middle and a locally bright spot, which is what the curves need.
 """
@@ -32,6 +33,7 @@ MAP_UNITS = {  # what each map means, for the colour bars
 POINTS = (("dark: lung/air", 3.0), ("mid: soft tissue", 50.0), ("bright: bone", 75.0))
 POINT_COLOURS = ("tab:cyan", "tab:orange", "tab:red")
 BORDER = 0.10  # fraction of each side left out when choosing points (collimation, labels)
+PLATEAU_MARGIN = 0.08  # fraction of the image kept clear around the brightest plateau
 
 
 @dataclass
@@ -82,19 +84,30 @@ def choose_points(x, downsample: int) -> list[tuple[str, int, int]]:
     inside = torch.zeros_like(mean, dtype=torch.bool)
     r0, c0 = int(h * BORDER), int(w * BORDER)
     inside[r0:max(h - r0, r0 + 1), c0:max(w - c0, c0 + 1)] = True
-    values = mean[inside].double()
-    spread = float(values.max() - values.min()) or 1.0
+    # The exposed field: not on or within 8 % of the image of the brightest plateau, which is
+    # collimation (unexposed) where the image has one, with its penumbra. Without collimation
+    # this only drops the surroundings of the brightest spot.
+    top = float(mean[inside].max())
+    spread = float(mean[inside].max() - mean[inside].min()) or 1.0
+    plateau = (mean >= top - 0.03 * spread).float()[None, None]
+    reach = max(5, round(PLATEAU_MARGIN * max(h, w)))  # the collimator's penumbra is a wide ramp
+    field = inside & ~(F.max_pool2d(plateau, 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0)
+    if int(field.sum()) < 16:
+        field = inside
+    values = mean[field].double()
     never = torch.full_like(mean, float("inf"))
     costs = {}
     for label, q in POINTS[:2]:
         # Dark and mid: within 2 % of the range of the percentile, the most homogeneous spot.
         target = float(torch.quantile(values, q / 100.0))
-        near = inside & ((mean - target).abs() <= 0.02 * spread)
-        costs[label] = torch.where(near, var, never) if near.any() else torch.where(inside, (mean - target).abs(), never)
+        near = field & ((mean - target).abs() <= 0.02 * spread)
+        costs[label] = torch.where(near, var, never) if near.any() else torch.where(field, (mean - target).abs(), never)
     # Bright: bone is brighter than what surrounds it (a large flat bright area is soft tissue),
-    # so among the brightest quarter the spot that stands out most from its neighbourhood.
-    bright = inside & (mean >= float(torch.quantile(values, 0.75)))
-    costs[POINTS[2][0]] = torch.where(bright, background - mean, never)
+    # so among the brightest quarter of the field the spot that stands out most from its
+    # neighbourhood.
+    label, q = POINTS[2]
+    bright = field & (mean >= float(torch.quantile(values, q / 100.0)))
+    costs[label] = torch.where(bright, background - mean, never)
     chosen = []
     for label, _ in POINTS:
         i, j = divmod(int(costs[label].argmin()), w)

@@ -43,6 +43,7 @@ again gives the same UIDs and a retry can never duplicate the object in PACS.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from importlib import metadata
@@ -65,6 +66,11 @@ LUT_EXPLANATIONS = {  # LO, at most 64 characters each
 }
 NOMINAL_SPACING = (1.0, 1.0)
 _DIRECTIONS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
+_TYPE_2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                       "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_NOT_FROM_SOURCE = ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "FrameOfReferenceUID",
+                    "PositionReferenceIndicator", "ImageOrientationPatient", "ImagePositionPatient",
+                    "PixelSpacing", "SliceThickness")
 _LUT_LABEL = 0x00409210  # (0040,9210) LUT Label
 _RWVM_SEQUENCE = 0x00409096  # (0040,9096) Real World Value Mapping Sequence
 
@@ -134,8 +140,11 @@ def _geometry_source(source: Dataset, spacing: tuple[float, float], orientation:
     (a new Dataset: the source is never modified)."""
     geometry = Dataset()
     for element in source:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            geometry.add(element)
+        if element.keyword not in _NOT_FROM_SOURCE:
+            geometry.add(copy.deepcopy(element))  # highdicom shares elements with the map it builds
+    for keyword in _TYPE_2_FROM_SOURCE:  # highdicom reads these; Type 2 in the map: empty if unknown
+        if keyword not in geometry:
+            setattr(geometry, keyword, None)
     geometry.FrameOfReferenceUID = frame_of_reference_uid(source.SOPInstanceUID)
     geometry.PositionReferenceIndicator = ""
     geometry.ImageOrientationPatient = orientation

@@ -1,6 +1,7 @@
 """The maps as a DICOM Parametric Map: exact round trip, third-party verification, validity."""
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -195,3 +196,27 @@ def test_geometry_follows_patient_orientation_and_states_the_spacing_it_used(see
     assert re.fullmatch(r"[0-9.]+", pm.FrameOfReferenceUID) and pm.PositionReferenceIndicator == ""
     dx = phantom_dataset(301, 243, modality="DX")  # Imager Pixel Spacing 0.15
     assert source_pixel_spacing(dx) == (0.15, 0.15)
+
+
+def test_building_the_map_leaves_the_source_untouched(seeded_weights):
+    source = load_dataset(testdata("RG1_UNCR.dcm"))  # Pixel Spacing 0\0, replaced in the map's geometry
+    source.Laterality = "L"
+    before = copy.deepcopy(source)
+    enhancer = Enhancer(seeded_weights, device="cpu")
+    _, prediction = enhancer.enhance_with_prediction(source)
+    pm = enhancer.parametric_map(source, prediction)
+    pm.PatientName = "Changed^Later"
+    pm.Laterality = "R"
+    assert source == before
+
+
+def test_a_source_without_optional_identity_attributes_still_gives_a_valid_map(tmp_path):
+    source = phantom_dataset(64, 48)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName", "SeriesNumber", "InstanceNumber", "PatientOrientation"):
+        delattr(source, keyword)
+    pm = build_parametric_map(source, maps=np.zeros((4, 8, 6), np.float32), downsample=8, stamp=ModelStamp("m", "f" * 64))
+    pm.save_as(tmp_path / "pm.dcm", enforce_file_format=True)
+    assert pm.PatientID is None and "PatientID" not in source  # empty (Type 2) in the map, still absent in the source
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(tmp_path / "pm.dcm") == []
