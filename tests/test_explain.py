@@ -14,7 +14,7 @@ from dicom_node.reader import load_dataset, read_radiograph
 from model.net import MAP_NAMES
 from model.predictor import Predictor
 from model.remap import remap
-from tests.helpers import make_seeded_checkpoint, testdata
+from tests.helpers import make_seeded_checkpoint, phantom_dataset, testdata
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,20 @@ def test_explain_refuses_what_enhance_refuses_with_one_line(constant_weights, tm
     assert result.exit_code == 2
     assert reason in result.output and "Traceback" not in result.output
     assert not (tmp_path / "report").exists() or not list((tmp_path / "report").iterdir())
+
+
+@pytest.mark.parametrize("source", ["RG3_J2KR.dcm", "phantom-DX-MONOCHROME1"])
+def test_explain_works_on_other_files_enhance_accepts(constant_weights, tmp_path, source):
+    if source.startswith("phantom"):
+        ds = phantom_dataset(300, 240, modality="DX", photometric="MONOCHROME1")  # no window in the file
+        path = tmp_path / "phantom.dcm"
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        path = testdata(source)  # JPEG 2000 lossless
+    result = _explain(tmp_path, constant_weights, path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "report" / f"{path.stem}.json").read_text())
+    x = read_radiograph(load_dataset(path))
+    assert [summary["source"]["rows"], summary["source"]["columns"]] == list(x.shape)
+    assert all(p["x"] == float(x[p["row"], p["col"]]) for p in summary["points"])
+    assert (tmp_path / "report" / f"{path.stem}.png").stat().st_size > 50_000
