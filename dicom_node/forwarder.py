@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import DicomDestination, FolderDestination, NodeSettings
@@ -81,11 +81,13 @@ def classify_status(status: int) -> Outcome:
 
 
 def _association_failure(assoc, where: str) -> str:
+    if not getattr(assoc, "connected", True):
+        return f"could not connect to {where} (refused, unreachable or timed out)"
     if assoc.is_rejected:
         return f"association rejected by {where}"
     if assoc.is_aborted:
         return f"association aborted by {where}"
-    return f"could not connect to {where} (refused, unreachable or timed out)"
+    return f"no answer from {where} during association"
 
 
 class DicomTarget:
@@ -108,8 +110,12 @@ class DicomTarget:
         return ae
 
     def _associate(self, ae: AE, contexts):
-        return ae.associate(self.dest.host, self.dest.port, contexts=contexts,
-                            ae_title=self.dest.ae_title)
+        opened = []
+        assoc = ae.associate(self.dest.host, self.dest.port, contexts=contexts,
+                             ae_title=self.dest.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(1))])
+        assoc.connected = bool(opened)  # tells "refused" apart from "aborted" in messages
+        return assoc
 
     def echo(self) -> str:
         """C-ECHO the destination; EchoFailed with a clear message when it does not answer."""

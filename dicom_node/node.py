@@ -108,9 +108,12 @@ class Node:
 
         server.shutdown()  # no new associations
         deadline = time.monotonic() + DRAIN_SECONDS
-        while server.active_associations and time.monotonic() < deadline:
+        busy = [a for a in server.active_associations if a.is_established]
+        if busy:
+            log.info("letting associations in progress finish", count=len(busy))
+        while any(a.is_alive() and a.is_established for a in busy) and time.monotonic() < deadline:
             time.sleep(0.1)
-        ae.shutdown()
+        ae.shutdown()  # aborts whatever is left (connections that never associated)
         self.stop_worker.set()
         self.wake.set()
         self.worker.join(WORKER_STOP_SECONDS)

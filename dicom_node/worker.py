@@ -18,11 +18,14 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.pixels.utils import get_expected_length
 
 from dicom_node.config import Config, RetrySettings, load_config
 from dicom_node.errors import UnsupportedImage
@@ -52,6 +55,36 @@ def backoff_seconds(attempt: int, retry: RetrySettings, rng: random.Random = ran
     """Delay before retry number `attempt` (1-based): doubled each time, +-20 % jitter, capped."""
     base = retry.initial_seconds * 2 ** min(attempt - 1, 30)
     return min(retry.max_seconds, base * rng.uniform(0.8, 1.2))
+
+
+def read_complete(path) -> Dataset:
+    """Parse the whole file (pixels stay encoded) and refuse a torn one.
+
+    pydicom reads a truncated file without complaint, so the Pixel Data is checked: native
+    data must have the length its attributes promise, encapsulated data must parse into
+    fragments. End-of-file warnings while parsing are errors here.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dcmread(path)
+    for warning in caught:
+        text = str(warning.message)
+        if "End of file" in text or "premature" in text.lower():
+            raise ValueError(text)
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        if keyword not in ds:
+            raise ValueError(f"{keyword} is missing")
+    if "PixelData" in ds:
+        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            count = sum(1 for _ in generate_fragments(ds.PixelData))
+            if count == 0:
+                raise ValueError("encapsulated Pixel Data has no fragments")
+        else:
+            expected = get_expected_length(ds)
+            if len(ds.PixelData) < expected:
+                raise ValueError(f"Pixel Data is truncated: {len(ds.PixelData)} of "
+                                 f"{expected} bytes")
+    return ds
 
 
 @dataclass
@@ -110,11 +143,10 @@ class Worker:
     def prepare(self, job: Job) -> Plan:
         plan = Plan(job)
         try:
-            ds = dcmread(job.path)
+            ds = read_complete(job.path)
             ts = str(ds.file_meta.TransferSyntaxUID)
-            ds.SOPInstanceUID  # noqa: B018 - a file without it cannot be delivered
         except Exception as exc:
-            plan.failure = f"not a readable DICOM file: {exc}"
+            plan.failure = f"not a complete DICOM file: {exc}"
             return plan
         original = Item("original", job.path, job.sop_class_uid, job.sop_instance_uid, ts)
         derived = None

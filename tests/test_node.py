@@ -1,0 +1,314 @@
+"""The node end to end, against real peers: DCMTK storescu in, Orthanc or a folder out.
+
+Every test starts its own node (`dicom-node serve` in a subprocess), its own Orthanc where
+one is needed, on free loopback ports, and stops them itself.
+"""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.reader import read_radiograph
+from dicom_node.writer import is_derived_by_us
+from tests.node_peers import (
+    DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, free_port, storescu, wait_until,
+)
+
+CR_FILES = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm"]
+OTHER_FILES = ["CT_small.dcm", "MR_small.dcm"]
+
+
+def sample(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.fixture
+def peers():
+    """Collects started nodes/Orthancs and stops them all at the end of the test."""
+    started = []
+    yield started
+    for peer in reversed(started):
+        peer.stop()
+
+
+def start(peers, peer):
+    peers.append(peer)
+    return peer.start()
+
+
+def source_uid(ds) -> str | None:
+    seq = ds.get("SourceImageSequence")
+    return str(seq[0].ReferencedSOPInstanceUID) if seq else None
+
+
+@pytest.mark.timeout(180)
+def test_storescu_to_orthanc_forwards_originals_and_enhances_cr_only(tmp_path, peers, constant_weights):
+    orthanc = start(peers, Orthanc(tmp_path / "orthanc"))
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [orthanc.destination]))
+    files = [sample(n) for n in CR_FILES + OTHER_FILES]
+
+    sent = storescu(files, node.port)
+
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    report = node.wait_drained(expected_done=len(files), timeout=120)
+    assert report["counts"]["failed"] == 0, report
+    # 5 originals + one derived instance per CR
+    wait_until(lambda: len(orthanc.sop_uids()) == 8, 30, what="8 instances in Orthanc")
+    stored = orthanc.instance_ids()
+    originals = {uid_of(p): p for p in files}
+    assert set(originals) <= set(stored)
+    derived = {uid: orthanc.dataset(oid) for uid, oid in stored.items() if uid not in originals}
+    assert len(derived) == 3
+    by_source = {source_uid(ds): ds for ds in derived.values()}
+    assert set(by_source) == {uid_of(sample(n)) for n in CR_FILES}, "CT/MR must not be enhanced"
+    for ds in derived.values():
+        assert is_derived_by_us(ds)
+        assert "DERIVED" in ds.ImageType
+        assert ds.VOILUTFunction == "SIGMOID"
+        assert float(ds.WindowCenter) == pytest.approx(65535 * 0.5, abs=1)
+    # CT and MR arrive untouched; the JPEG 2000 original keeps its transfer syntax
+    for name in OTHER_FILES:
+        original = pydicom.dcmread(sample(name))
+        arrived = orthanc.dataset(stored[str(original.SOPInstanceUID)])
+        assert arrived.PixelData == original.PixelData
+        assert arrived.PatientID == original.PatientID
+    j2k_uid = uid_of(sample("RG1_J2KR.dcm"))
+    assert orthanc.transfer_syntax(stored[j2k_uid]) == "1.2.840.10008.1.2.4.90"
+    assert not any(node.spool.glob("incoming/*.dcm")), "spool files removed once delivered"
+    assert node.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_unknown_calling_ae_is_rejected_and_nothing_is_spooled(tmp_path, peers, constant_weights):
+    outbox = tmp_path / "outbox"
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(outbox)}],
+                                    allowed=("MODALITY",)))
+    ct = sample("CT_small.dcm")
+
+    rejected = storescu([ct], node.port, calling="INTRUDER")
+
+    assert rejected.returncode != 0
+    assert "Association Rejected" in rejected.stdout + rejected.stderr
+    assert "Calling AE Title Not Recognized" in rejected.stdout + rejected.stderr
+    assert node.status()["counts"] == {"received": 0, "processing": 0, "done": 0, "failed": 0}
+    assert list(node.spool.glob("incoming/*")) == []
+
+    accepted = storescu([ct], node.port, calling="MODALITY")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    node.wait_drained(expected_done=1)
+    assert [p.name for p in outbox.rglob("*.dcm")] == [f"{uid_of(ct)}.dcm"]
+
+
+@pytest.mark.timeout(180)
+def test_orthanc_down_jobs_wait_and_retry_then_everything_arrives(tmp_path, peers, constant_weights):
+    orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started yet
+    peers.append(orthanc)
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [orthanc.destination],
+                                    retry=(0.3, 1.0)))
+    files = [sample("RG3_UNCR.dcm"), *(sample(n) for n in OTHER_FILES)]
+
+    sent = storescu(files, node.port)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    def retried():
+        report = node.status()
+        oldest = report["oldest_pending"]
+        return oldest and oldest["attempts"] >= 2 and report
+    report = wait_until(retried, 60, 0.3, "jobs to be retried")
+    assert "could not connect" in report["oldest_pending"]["last_error"]
+    assert report["counts"]["failed"] == 0
+    assert report["counts"]["received"] + report["counts"]["processing"] == 3
+    text = node.cli("status").stdout
+    assert "oldest pending: job" in text and "could not connect" in text
+
+    orthanc.start()
+    node.wait_drained(expected_done=3, timeout=60)
+    expected = {uid_of(p) for p in files}
+    wait_until(lambda: len(orthanc.sop_uids()) == 4, 30, what="3 originals + 1 derived")
+    assert expected <= set(orthanc.sop_uids())
+    assert node.status()["counts"]["failed"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_mid_stream_every_acknowledged_image_arrives_exactly_once(tmp_path, peers, constant_weights):
+    orthanc = start(peers, Orthanc(tmp_path / "orthanc"))
+    node = NodeProcess(tmp_path / "node", constant_weights, [orthanc.destination])
+    start(peers, node)
+    files = copies_with_new_uids(sample("CT_small.dcm"), tmp_path / "stream", 50)
+    acknowledged: list[Path] = []
+    done = threading.Event()
+
+    def modality():  # one association per image, like a busy modality sending as it acquires
+        for path in files:
+            if done.is_set():
+                break
+            result = storescu([path], node.port, extra=(), timeout=30)
+            if result.returncode == 0 and "Received Store Response (Success)" in result.stderr:
+                acknowledged.append(path)
+    sender = threading.Thread(target=modality)
+    sender.start()
+    try:
+        wait_until(lambda: len(acknowledged) >= 20, 60, 0.01, "20 acknowledged images")
+        node.kill9()
+    finally:
+        done.set()
+        sender.join(60)
+    assert 20 <= len(acknowledged) < 50
+
+    node.start()  # same config, same spool
+    unacknowledged = [p for p in files if p not in acknowledged]
+    resent = storescu(unacknowledged, node.port)  # the modality sends the rest again
+    assert resent.returncode == 0, resent.stdout + resent.stderr
+    node.wait_drained(timeout=120)
+
+    expected = {uid_of(p) for p in files}
+    wait_until(lambda: expected <= set(orthanc.sop_uids()), 30, what="all 50 in Orthanc")
+    counts = Counter(uid for uid in orthanc.sop_uids() if uid in expected)
+    assert all(counts[uid_of(p)] == 1 for p in acknowledged)
+    assert len(counts) == 50 and set(counts.values()) == {1}
+    assert node.status()["counts"]["failed"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_truncated_file_mid_stream_ends_in_failed_with_reason_and_node_keeps_serving(
+        tmp_path, peers, constant_weights):
+    outbox = tmp_path / "outbox"
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(outbox)}]))
+    good_before, truncated_source, good_after = copies_with_new_uids(
+        sample("CT_small.dcm"), tmp_path / "files", 3)
+    data = truncated_source.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) - 20000])  # cut inside Pixel Data
+
+    # pynetdicom sends the file's bytes as they are (no re-encoding), mid-association
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
+    assert assoc.is_established
+    statuses = []
+    try:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        for path in (good_before, truncated):
+            statuses.append(assoc.send_c_store(path).Status)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert statuses[0] == 0x0000
+
+    after = storescu([good_after], node.port)  # the next association is served
+    assert after.returncode == 0, after.stdout + after.stderr
+
+    report = node.wait_drained(expected_done=3)
+    arrived = sorted(p.name for p in outbox.rglob("*.dcm"))
+    assert arrived == sorted(f"{uid_of(p)}.dcm" for p in (good_before, good_after))
+    if statuses[1] == 0x0000:  # accepted on the wire, so it must be held with its reason
+        assert report["counts"]["failed"] == 1
+        held = node.spool / "failed" / f"{report['failed'][0]['job_id']}-{uid_of(truncated_source)}.dcm"
+        assert held.read_bytes() != b""
+        reason = held.with_name(held.name + ".reason.txt").read_text()
+        assert "truncated" in reason and uid_of(truncated_source) in reason
+        assert "truncated" in node.cli("status").stdout
+
+
+@pytest.mark.timeout(180)
+def test_folder_destination_end_to_end_with_status_echo_and_no_second_enhancement(
+        tmp_path, peers, constant_weights):
+    outbox = tmp_path / "outbox"
+    storescp_port = free_port()
+    scp = subprocess.Popen(["storescp", "-aet", "PEER", "--output-directory", str(tmp_path),
+                            str(storescp_port)], env=DCMTK_ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [
+            {"name": "archive", "type": "folder", "path": str(outbox)},
+            {"name": "peer", "type": "dicom", "ae_title": "PEER", "host": "127.0.0.1",
+             "port": storescp_port},
+        ]))
+        unreachable = NodeProcess(tmp_path / "other", constant_weights, [
+            {"name": "nobody", "type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
+             "port": free_port()}])
+        rg3, ct = sample("RG3_UNCR.dcm"), sample("CT_small.dcm")
+
+        assert storescu([rg3, ct], node.port).returncode == 0
+        node.wait_drained(expected_done=2)
+
+        original = pydicom.dcmread(rg3)
+        series = outbox / original.PatientID / original.StudyInstanceUID
+        files = sorted(series.rglob("*.dcm"))
+        assert len(files) == 2  # the original RG3 and its derived instance, in two series
+        ours = [pydicom.dcmread(f) for f in files]
+        derived = next(ds for ds in ours if is_derived_by_us(ds))
+        assert (series / original.SeriesInstanceUID / f"{original.SOPInstanceUID}.dcm").exists()
+        assert (series / derived.SeriesInstanceUID / f"{derived.SOPInstanceUID}.dcm").exists()
+        # a = 1, b = 0: the derived pixels are round(65535 * x) of the original
+        expected = np.round(65535 * read_radiograph(original)).astype(np.int64)
+        assert np.abs(derived.pixel_array.astype(np.int64) - expected).max() <= 1
+        ct_ds = pydicom.dcmread(ct)
+        ct_out = pydicom.dcmread(next(outbox.rglob(f"{ct_ds.SOPInstanceUID}.dcm")))
+        assert ct_out.PixelData == ct_ds.PixelData
+
+        # status and echo while the node runs
+        text = node.cli("status").stdout
+        assert "done        2" in text and "oldest pending: none" in text
+        ok = node.cli("echo", "peer")
+        assert ok.returncode == 0 and "C-ECHO success" in ok.stdout
+        assert "writable" in node.cli("echo", "archive").stdout
+        down = unreachable.cli("echo", "nobody")
+        assert down.returncode == 2
+        assert "could not connect" in down.stderr and "NOBODY@127.0.0.1" in down.stderr
+        unknown = node.cli("echo", "nope")
+        assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr
+
+        # our own output sent back in is forwarded, never enhanced again (no loops)
+        before = set(outbox.rglob("*.dcm"))
+        derived_file = series / derived.SeriesInstanceUID / f"{derived.SOPInstanceUID}.dcm"
+        again = tmp_path / "again.dcm"
+        derived_file.rename(again)
+        assert storescu([again], node.port).returncode == 0
+        node.wait_drained(expected_done=3)
+        assert set(outbox.rglob("*.dcm")) == before  # back in place, and nothing new derived
+        assert pydicom.dcmread(derived_file).PixelData == derived.PixelData
+        assert node.stop() == 0
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_spool_write_error_answers_out_of_resources(tmp_path, peers, constant_weights):
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+    incoming = node.spool / "incoming"
+    incoming.rmdir()
+    incoming.write_text("not a folder")  # every write into incoming/ now fails with an OSError
+
+    result = storescu([sample("CT_small.dcm")], node.port)
+
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr  # 0xA700
+    assert node.status()["counts"]["received"] == 0
+
+
+def test_the_scp_side_never_imports_torch():
+    code = ("import sys, dicom_node.node, dicom_node.scp, dicom_node.node_commands, "
+            "dicom_node.forwarder, dicom_node.jobs, dicom_node.worker; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model')))")
+    result = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
