@@ -1,0 +1,126 @@
+"""config.toml parsing, the retry policy and the classification of C-STORE outcomes."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import DicomDestination, FolderDestination, load_config
+from dicom_node.errors import ConfigError
+from dicom_node.forwarder import classify_status
+from dicom_node.worker import backoff_seconds, enhanced_classes
+
+REPO = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+[[destinations]]
+name = "archive"
+type = "folder"
+path = "out"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_config_is_a_working_default():
+    config = load_config(REPO / "config.toml")
+    assert config.node.ae_title == "ENHANCE" and config.node.port == 11112
+    assert config.node.allowed_calling_aets == ()
+    assert config.spool.dir == REPO / "var" / "spool"
+    assert config.model.weights == REPO / "model" / "weights" / "default.pt"
+    assert config.model.enhance == ("CR", "DX") and config.model.forward_original is True
+    assert config.destinations == (FolderDestination(name="archive", path=REPO / "var" / "outbox"),)
+    assert config.logging.format == "auto"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    config = load_config(write(tmp_path, MINIMAL + '[spool]\ndir = "s"\n'))
+    assert config.spool.dir == tmp_path / "s"
+    assert config.destinations[0].path == tmp_path / "out"
+
+
+def test_a_dicom_destination_and_the_timeouts_are_read(tmp_path):
+    text = MINIMAL + """
+[node]
+allowed_calling_aets = ["CR01", "DX02"]
+dimse_timeout = 12.5
+[[destinations]]
+name = "pacs"
+type = "dicom"
+ae_title = "PACS"
+host = "10.0.0.5"
+port = 104
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.node.allowed_calling_aets == ("CR01", "DX02")
+    assert config.node.dimse_timeout == 12.5 and config.node.acse_timeout is None
+    assert config.destination("pacs") == DicomDestination("pacs", "PACS", "10.0.0.5", 104)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[retry]\ninitial_seconds = "x"\n',
+     "config.toml: [retry] initial_seconds must be a number, got 'x'"),
+    ("[node]\nport = 70000\n", "[node] port must be between 0 and 65535, got 70000"),
+    ("[node]\nport = true\n", "[node] port must be an integer, got True"),
+    ("[node]\ncolour = 1\n", "[node] colour is not a known key"),
+    ("[model]\nmode = \"paint\"\n", "[model] mode must be one of voi, burn-in, got 'paint'"),
+    ("[model]\nenhance = [\"CT\"]\n", "[model] enhance entries must be CR, DX or a SOP Class UID"),
+    ("[model]\nforward_original = \"yes\"\n", "[model] forward_original must be true or false"),
+    ("[node]\nae_title = \"MUCH_TOO_LONG_AE_TITLE\"\n", "[node] ae_title must be at most 16 characters"),
+    ("[logging]\nformat = \"xml\"\n", "[logging] format must be one of auto, json, console"),
+    ("[retry]\ninitial_seconds = 10\nmax_seconds = 5\n", "[retry] max_seconds must be at least"),
+    ("[extra]\na = 1\n", "[config] extra is not a known key"),
+])
+def test_config_errors_name_the_key_and_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + text))
+    assert message in str(info.value)
+
+
+def test_destination_errors_name_the_entry(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[destinations #1\] type must be \"folder\" or \"dicom\""):
+        load_config(write(tmp_path, '[[destinations]]\nname = "a"\ntype = "ftp"\n'))
+    with pytest.raises(ConfigError, match=r"\[destinations #1\] port is required"):
+        load_config(write(tmp_path, '[[destinations]]\nname = "a"\ntype = "dicom"\n'
+                                    'ae_title = "P"\nhost = "h"\n'))
+    with pytest.raises(ConfigError, match=r"\[config\] destinations must be one or more"):
+        load_config(write(tmp_path, "[node]\nport = 1\n"))
+
+
+def test_a_missing_or_broken_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[node\n"))
+
+
+def test_enhance_names_map_to_the_cr_and_dx_storage_classes():
+    assert enhanced_classes(("CR", "DX")) == {
+        "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"}
+    assert enhanced_classes(("1.2.840.10008.5.1.4.1.1.1.1",)) == {"1.2.840.10008.5.1.4.1.1.1.1"}
+
+
+def test_backoff_doubles_with_jitter_and_is_capped(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "[retry]\ninitial_seconds = 2\nmax_seconds = 300\n"))
+    rng = random.Random(0)
+    delays = [backoff_seconds(n, config.retry, rng) for n in range(1, 12)]
+    for n, delay in enumerate(delays[:7], start=1):
+        assert 0.8 * 2 * 2 ** (n - 1) <= delay <= 1.2 * 2 * 2 ** (n - 1)
+    assert max(delays) == 300 and delays[-1] == 300
+    assert len({round(d, 6) for d in delays[:7]}) == 7  # jitter: no two the same
+
+
+@pytest.mark.parametrize("status, result", [
+    (0x0000, "delivered"), (0xB000, "delivered"), (0xB007, "delivered"),
+    (0xA700, "retry"), (0xA7FF, "retry"), (0x0110, "retry"),
+    (0xA900, "failed"), (0xA9FF, "failed"), (0xC000, "failed"), (0xCFFF, "failed"),
+    (0x0122, "failed"),
+])
+def test_store_statuses_are_classified(status, result):
+    assert classify_status(status).result == result
