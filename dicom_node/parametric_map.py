@@ -114,7 +114,7 @@ def image_orientation(source: Dataset) -> list[float]:
     return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
-def _validate(source: Dataset, maps: np.ndarray, downsample: int, stamp: ModelStamp) -> tuple[int, int]:
+def _validate(source: Dataset, maps: np.ndarray, downsample: int, stamp: ModelStamp) -> None:
     if not isinstance(source, Dataset):
         raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
     for keyword in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "Rows", "Columns"):
@@ -132,7 +132,6 @@ def _validate(source: Dataset, maps: np.ndarray, downsample: int, stamp: ModelSt
         raise ValueError(f"maps must have shape {expected} (a, b, wc, ww of a {rows}x{cols} image at 1/{downsample}), got {maps.shape}")
     if not np.isfinite(maps).all():
         raise ValueError("maps must be finite")
-    return expected[1], expected[2]
 
 
 def _geometry_source(source: Dataset, spacing: tuple[float, float], orientation: list[float]) -> Dataset:
@@ -171,7 +170,7 @@ def build_parametric_map(source: Dataset, *, maps: np.ndarray, downsample: int, 
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    h, w = _validate(source, maps, downsample, stamp)
+    _validate(source, maps, downsample, stamp)
     spacing = source_pixel_spacing(source)
     orientation = image_orientation(source)
     row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
