@@ -8,6 +8,7 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model
 from model.remap import remap
+from model.remap import downsample_image
 from training.baselines import (
     BASELINES,
     apply_lut,
@@ -16,6 +17,7 @@ from training.baselines import (
     enhance,
     parameter_count,
     produces_maps,
+    render,
 )
 from tests.helpers import phantom_radiograph
 
@@ -140,3 +142,27 @@ def test_clahe_stretches_local_contrast_and_keeps_the_range():
     # the body's soft tissue occupies a narrow band of x; CLAHE spreads it
     body = (x > 0.4) & (x < 0.6)
     assert z[body].std() > 2 * x[body].std()
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES) + ["proposed"])
+def test_rendering_a_crop_equals_cropping_the_rendered_image(name):
+    """Training renders full-resolution crops from the whole image's low-res output; inference
+    renders the whole image. Both must be the same function."""
+    torch.manual_seed(0)
+    config = ModelConfig(downsample=8, width=8) if name == "proposed" else baseline_config(name, width=8)
+    model = build_model(config).eval()
+    x = phantom_x(203, 157)
+    with torch.no_grad():
+        out = model(downsample_image(x, 8))
+        whole = render(model, x, out)
+        for top, left, h, w in [(0, 0, 64, 64), (37, 21, 96, 80), (203 - 50, 157 - 40, 50, 40)]:
+            crop = render(model, x[..., top:top + h, left:left + w], out, top, left)
+            torch.testing.assert_close(crop, whole[..., top:top + h, left:left + w], atol=1e-5, rtol=0)
+
+
+def test_global_baselines_accept_images_smaller_than_their_receptive_field():
+    x = phantom_x(40, 24)
+    for name in ("dlbc", "lut"):
+        model = build_model(baseline_config(name, width=8)).eval()
+        with torch.no_grad():
+            assert enhance(model, x).z.shape == x.shape

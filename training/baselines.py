@@ -1,12 +1,16 @@
 """The paper's Table 1 baselines, as models the training loop and `evaluate` handle like ours.
 
 Every model here maps the full-resolution normalised image x (N, 1, H, W) in [0, 1] to the
-displayed image z in [0, 1], through one interface shared with the proposed model:
+displayed image z in [0, 1] in two steps, like the proposed model:
 
-    enhance(model, x) -> Enhancement(z, maps)
+    out = model(downsample_image(x, config.downsample))   # the network, on the low-res image
+    z = render(model, x, out)                             # a fixed rule applied at full resolution
 
-`maps` is the (N, 4, h, w) a, b, wc, ww of models that predict the interpretable maps (the
-proposed model), None for the others. A baseline is an `nn.Module` with a `.config`
+For the proposed model `out` is the maps a, b, wc, ww and the rule is the shared remap; a
+baseline has its own `out` and its own `render(x, out, top, left)` method (top/left: x is the
+crop of the whole image at that offset, as in training). `enhance(model, x)` does both and
+returns Enhancement(z, maps), maps being None for models without the interpretable maps.
+A baseline is an `nn.Module` with a `.config`
 (`ModelConfig(arch="baseline:<name>", ...)`, settings specific to it in `config.extra`),
 registered in `model.net.BASELINE_BUILDERS` on import of this module, so its checkpoint rebuilds
 through `model.checkpoint.load_checkpoint` like any other.
@@ -35,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.net import BASELINE_BUILDERS, InterpretableResUNet, ModelConfig, conv_norm_act, robust_stats
-from model.remap import downsample_image, remap, sigmoid_window, upsample_maps
+from model.remap import downsample_image, remap, sigmoid_window
+from training.dataset import crop_maps
 
 
 class Enhancement(NamedTuple):
@@ -43,24 +48,30 @@ class Enhancement(NamedTuple):
     maps: torch.Tensor | None  # (N, 4, h, w) a, b, wc, ww for interpretable models, else None
 
 
+def produces_maps(model: nn.Module) -> bool:
+    """Whether the model's output is the interpretable a, b, wc, ww maps (map loss/MAE apply)."""
+    return not hasattr(model, "render")
+
+
+def render(model: nn.Module, x: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
+    """The displayed image z (N, 1, h, w) of x, the crop at (top, left) of the image whose
+    low-resolution network output is `out`."""
+    if not produces_maps(model):
+        return model.render(x, out, top, left)
+    ds = model.config.downsample
+    if top == 0 and left == 0:  # the whole image, or its top-left crop: the inference path
+        return remap(x, *out.split(1, dim=1), downsample=ds).z
+    return remap(x, *crop_maps(out, top, left, tuple(x.shape[-2:]), ds).split(1, dim=1)).z
+
+
 def enhance(model: nn.Module, x: torch.Tensor) -> Enhancement:
     """The displayed image (and the maps, where the model has them) of full-resolution x.
 
-    x: (N, 1, H, W) or (H, W). Works for the proposed model (downsample, predict maps, shared
-    remap) and for every baseline (its own `enhance`).
+    x: (N, 1, H, W) or (H, W); the same two steps for the proposed model and every baseline.
     """
     x4 = x if x.dim() == 4 else x.reshape(1, 1, *x.shape[-2:])
-    if hasattr(model, "enhance"):
-        return model.enhance(x4)
-    ds = model.config.downsample
-    maps = model(downsample_image(x4, ds))
-    a, b, wc, ww = maps.split(1, dim=1)
-    return Enhancement(remap(x4, a, b, wc, ww, downsample=ds).z, maps)
-
-
-def produces_maps(model: nn.Module) -> bool:
-    """Whether the model's output is the interpretable a, b, wc, ww maps (map loss/MAE apply)."""
-    return not hasattr(model, "enhance")
+    out = model(downsample_image(x4, model.config.downsample))
+    return Enhancement(render(model, x4, out), out if produces_maps(model) else None)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -75,12 +86,17 @@ def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
 class GlobalEncoder(nn.Module):
     """Small CNN: low-res image -> a feature vector (strided convs, global mean, image stats).
 
-    The shared front end of the global baselines (DLBC, adaptive LUT): like the proposed model
-    it sees the image normalised by its robust statistics and the statistics themselves.
+    The shared front end of the global baselines (DLBC, adaptive LUT). As in DLBC and 3DLUT the
+    image is first resized to a fixed `size` square (the output is per image, so the aspect ratio
+    matters less than a fixed receptive field); like the proposed model it sees the image
+    normalised by its robust statistics, and the statistics themselves.
     """
 
-    def __init__(self, width: int, levels: int, n_out: int):
+    def __init__(self, width: int, levels: int, n_out: int, size: int = 64):
         super().__init__()
+        if size < 2 ** (levels + 1):
+            raise ValueError(f"encoder size {size} is too small for {levels} strided levels")
+        self.size = size
         layers = [conv_norm_act(2, width)]
         layers += [conv_norm_act(width, width, stride=2) for _ in range(levels)]
         self.convs = nn.Sequential(*layers)
@@ -88,6 +104,7 @@ class GlobalEncoder(nn.Module):
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:
         stats = robust_stats(low)
+        low = F.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         normalised = (low - stats[:, 1, None, None, None]) / stats[:, 3, None, None, None]
         h = self.convs(torch.cat([normalised, low], dim=1))
         return self.mlp(torch.cat([h.mean(dim=(2, 3)), stats], dim=1))
@@ -101,36 +118,38 @@ class ImageResUNet(InterpretableResUNet):
         self.head = nn.Conv2d(config.width, 1, 1)
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:
+        """The enhanced image (N, 1, h, w) at low resolution."""
         h0, w0 = low.shape[-2:]
         stats = robust_stats(low)
         out = self.head(self.features(_pad_to_multiple(low, self.multiple), stats))[..., :h0, :w0]
         return torch.sigmoid(out)
 
-    def enhance(self, x: torch.Tensor) -> Enhancement:
-        ds = self.config.downsample
-        z_low = self(downsample_image(x, ds))
-        return Enhancement(upsample_maps(z_low, tuple(x.shape[-2:]), ds), None)
+    def render(self, x, out, top=0, left=0):
+        return crop_maps(out, top, left, tuple(x.shape[-2:]), self.config.downsample)
 
 
 class DLBC(nn.Module):
-    """Global window only: z = sigmoid_window(x, wc, ww), (wc, ww) per image from a CNN."""
+    """Global window only: z = sigmoid_window(x, wc, ww), (wc, ww) per image from a CNN.
+
+    extra: encoder_size [64] (the CNN's fixed input side).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.encoder = GlobalEncoder(config.width, config.levels, 2)
+        self.encoder = GlobalEncoder(config.width, config.levels, 2, int(config.extra.get("encoder_size", 64)))
 
     def window(self, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, w = self.encoder(low).unbind(dim=1)
         return torch.sigmoid(c), self.config.min_ww + F.softplus(w)
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:
+        """The window (N, 2): wc, ww."""
         wc, ww = self.window(low)
         return torch.stack([wc, ww], dim=1)
 
-    def enhance(self, x: torch.Tensor) -> Enhancement:
-        wc, ww = self.window(downsample_image(x, self.config.downsample))
-        return Enhancement(sigmoid_window(x, wc[:, None, None, None], ww[:, None, None, None]), None)
+    def render(self, x, out, top=0, left=0):
+        return sigmoid_window(x, out[:, 0, None, None, None], out[:, 1, None, None, None])
 
 
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -146,7 +165,7 @@ def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 class AdaptiveLUT(nn.Module):
     """Image-adaptive LUT, grayscale: z = clip(sum_k w_k(x) LUT_k(x), 0, 1), all at full resolution.
 
-    extra: lut_bases [8], lut_points [33] (the paper's 3DLUT setting). As in Zeng et al. the
+    extra: lut_bases [8], lut_points [33] (the paper's 3DLUT setting), encoder_size [64]. As in Zeng et al. the
     first basis starts as the identity and the others at zero, and the weights start at (1, 0, ...).
     """
 
@@ -158,7 +177,7 @@ class AdaptiveLUT(nn.Module):
         bases = torch.zeros(k, p)
         bases[0] = torch.linspace(0.0, 1.0, p)
         self.bases = nn.Parameter(bases)
-        self.encoder = GlobalEncoder(config.width, config.levels, k)
+        self.encoder = GlobalEncoder(config.width, config.levels, k, int(config.extra.get("encoder_size", 64)))
         last = self.encoder.mlp[-1]
         with torch.no_grad():
             last.weight.mul_(0.01)
@@ -169,9 +188,8 @@ class AdaptiveLUT(nn.Module):
         """The per-image LUT (N, P)."""
         return self.encoder(low) @ self.bases
 
-    def enhance(self, x: torch.Tensor) -> Enhancement:
-        lut = self(downsample_image(x, self.config.downsample))
-        return Enhancement(apply_lut(x, lut).clamp(0.0, 1.0), None)
+    def render(self, x, out, top=0, left=0):
+        return apply_lut(x, out).clamp(0.0, 1.0)
 
 
 class SupDCE(nn.Module):
@@ -201,13 +219,12 @@ class SupDCE(nn.Module):
         h6 = F.relu(self.c6(torch.cat([h2, h5], 1)))
         return torch.tanh(self.c7(torch.cat([h1, h6], 1)))
 
-    def enhance(self, x: torch.Tensor) -> Enhancement:
-        ds = self.config.downsample
-        r = upsample_maps(self(downsample_image(x, ds)), tuple(x.shape[-2:]), ds)
+    def render(self, x, out, top=0, left=0):
+        r = crop_maps(out, top, left, tuple(x.shape[-2:]), self.config.downsample)
         z = x.clamp(0.0, 1.0)
         for i in range(self.iterations):
             z = z + r[:, i : i + 1] * (z * z - z)
-        return Enhancement(z, None)
+        return z
 
 
 BASELINES = {

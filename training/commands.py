@@ -88,6 +88,7 @@ def evaluate_command(archive, weights, split, csv_path, device, cache):
     click.echo(f"split {split}: {n} images; PSNR/SSIM of z (displayed), full resolution, data_range 1")
     click.echo(result.table())
     m = result.summary[0]
-    click.echo(f"model map MAE: a {m['a_mae']:.4f}  b {m['b_mae']:.4f}  wc {m['wc_mae']:.4f}  ww {m['ww_mae']:.4f}")
+    if "a_mae" in m:  # Table 1 baselines have no maps
+        click.echo(f"model map MAE: a {m['a_mae']:.4f}  b {m['b_mae']:.4f}  wc {m['wc_mae']:.4f}  ww {m['ww_mae']:.4f}")
     if csv_path:
         click.echo(f"per-image results: {csv_path}")

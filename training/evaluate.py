@@ -2,7 +2,8 @@
 
 For every row of the split (cached by training.archive):
   model  the shipped inference path, model.predictor.Predictor: maps at /ds, full-resolution remap,
-         z with the per-pixel window maps.
+         z with the per-pixel window maps. A Table 1 baseline checkpoint (training.baselines) is
+         run through `training.baselines.enhance` instead (it has no maps, so no map MAE).
   (A)    per-image percentile window: y = x, wc/ww from the 1st/99th percentiles of x over the
          whole image (ww = spread / 1.2, as the teacher's window).
   (B)    the teacher run on the (perturbed) input, with the anatomy mask it finds by itself
@@ -14,6 +15,8 @@ Metrics, all on the displayed presentation z in [0, 1], at full resolution:
   standard deviation across acquisitions of the output divided by the same of the raw inputs
   (lower = more consistent; 0 would also be reached by a constant output, so it is always
   reported beside PSNR/SSIM). The target itself scores ~0 (every acquisition has one target).
+`references` replaces (A) and (B) by any {name: x -> z} (benchmarks.table1 adds CLAHE; {} scores
+the model alone).
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ import torch
 
 from model.remap import downsample_image, remap
 from training.archive import Archive
+from training.baselines import enhance, produces_maps
 from training.teacher import TeacherParams, find_anatomy_mask, teacher
 
-METHODS = ("model", "A: percentile window", "B: teacher on input")
 SSIM_MAX_SIDE = 0  # 0: SSIM at full resolution
 
 
@@ -45,6 +48,10 @@ def percentile_window(x: np.ndarray, params: TeacherParams = TeacherParams()) ->
 def teacher_on_input(x: np.ndarray) -> np.ndarray:
     """Reference (B): the classical teacher with its own anatomy mask."""
     return teacher(x, find_anatomy_mask(x)).remap(x)[1]
+
+
+REFERENCES = {"A: percentile window": percentile_window, "B: teacher on input": teacher_on_input}
+METHODS = ("model", *REFERENCES)
 
 
 def fidelity(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
@@ -71,16 +78,21 @@ class Result:
 
 
 def evaluate(archive: str | Path, weights: str | Path, split: str = "test", device: str = "cpu",
-             csv_path: str | Path | None = None, cache: str | None = None, progress=None) -> Result:
+             csv_path: str | Path | None = None, cache: str | None = None, progress=None,
+             references: dict | None = None) -> Result:
     from model.predictor import Predictor
 
+    references = REFERENCES if references is None else references
+    methods = ("model", *references)
     predictor = Predictor(weights, device)
     ds = predictor.checkpoint.config.downsample
+    model = predictor.checkpoint.model
+    has_maps = produces_maps(model)
     arch = Archive(archive, ds, cache=cache)
     items = arch.items(split)
     if not items:
         raise ValueError(f"archive {archive}: no rows with split {split!r}")
-    rows, outputs = [], {m: {} for m in METHODS}
+    rows, outputs = [], {m: {} for m in methods}
     raws = {}
     for item in items:
         x = np.asarray(item.x, dtype=np.float32)
@@ -88,21 +100,24 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
         _, maps_gt = item.low()
         raws[item.id] = downsample_image(torch.from_numpy(x), 4)[0, 0].numpy()
         t = time.perf_counter()
-        pred = predictor(x)
-        z_model = pred.z.cpu().numpy()
+        if has_maps:
+            pred = predictor(x)
+            z_model = pred.z.cpu().numpy()
+            mae = np.abs(pred.maps.cpu().numpy() - maps_gt).mean(axis=(1, 2))
+        else:
+            with torch.inference_mode():
+                z_model = enhance(model, predictor.pre_process(x)).z[0, 0].cpu().numpy()
         t_model = time.perf_counter() - t
-        mae = np.abs(pred.maps.cpu().numpy() - maps_gt).mean(axis=(1, 2))
-        t = time.perf_counter()
-        z_a = percentile_window(x)
-        t_a = time.perf_counter() - t
-        t = time.perf_counter()
-        z_b = teacher_on_input(x)
-        t_b = time.perf_counter() - t
-        for method, z, secs in zip(METHODS, (z_model, z_a, z_b), (t_model, t_a, t_b)):
+        zs, times = [z_model], [t_model]
+        for method in methods[1:]:
+            t = time.perf_counter()
+            zs.append(references[method](x))
+            times.append(time.perf_counter() - t)
+        for method, z, secs in zip(methods, zs, times):
             psnr, ssim = fidelity(z, target)
             row = {"id": item.id, "group": item.group, "method": method, "rows": x.shape[0], "cols": x.shape[1],
                    "psnr": psnr, "ssim": ssim, "seconds": secs}
-            if method == "model":
+            if method == "model" and has_maps:
                 row.update({f"{k}_mae": float(v) for k, v in zip(("a", "b", "wc", "ww"), mae)})
             rows.append(row)
             # consistency is computed on a /4 copy (the spread of smooth acquisition changes)
@@ -124,12 +139,12 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
         return float(np.mean(ratios)) if ratios else float("nan")
 
     summary = []
-    for method in METHODS:
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
         entry = {"method": method, "psnr": float(np.mean([r["psnr"] for r in mine])),
                  "ssim": float(np.mean([r["ssim"] for r in mine])), "consistency": consistency(method),
                  "seconds": float(np.mean([r["seconds"] for r in mine])), "images": len(mine)}
-        if method == "model":
+        if method == "model" and has_maps:
             for k in ("a", "b", "wc", "ww"):
                 entry[f"{k}_mae"] = float(np.mean([r[f"{k}_mae"] for r in mine]))
         summary.append(entry)
