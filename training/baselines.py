@@ -6,10 +6,12 @@ displayed image z in [0, 1] in two steps, like the proposed model:
     out = model(downsample_image(x, config.downsample))   # the network, on the low-res image
     z = render(model, x, out)                             # a fixed rule applied at full resolution
 
-For the proposed model `out` is the maps a, b, wc, ww and the rule is the shared remap; a
-baseline has its own `out` and its own `render(x, out, top, left)` method (top/left: x is the
-crop of the whole image at that offset, as in training). `enhance(model, x)` does both and
-returns Enhancement(z, maps), maps being None for models without the interpretable maps.
+For the proposed model `out` is the maps a, b, wc, ww and the rule is the shared remap. A
+baseline has its own `out` and rule, `apply_rule(x, fields)`: `fields` is `out` itself for a per-image
+output (`spatial = False`), or `out` bilinearly upsampled to x's pixels (`spatial = True`) exactly
+as the proposed maps are. `render` does this for the whole image or a crop of it and
+`render_points` for scattered pixels (both as the training loss needs them); `enhance(model, x)`
+runs network and rule and returns Enhancement(z, maps), maps None for models without them.
 A baseline is an `nn.Module` with a `.config`
 (`ModelConfig(arch="baseline:<name>", ...)`, settings specific to it in `config.extra`),
 registered in `model.net.BASELINE_BUILDERS` on import of this module, so its checkpoint rebuilds
@@ -50,18 +52,30 @@ class Enhancement(NamedTuple):
 
 def produces_maps(model: nn.Module) -> bool:
     """Whether the model's output is the interpretable a, b, wc, ww maps (map loss/MAE apply)."""
-    return not hasattr(model, "render")
+    return not hasattr(model, "apply_rule")
 
 
 def render(model: nn.Module, x: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
     """The displayed image z (N, 1, h, w) of x, the crop at (top, left) of the image whose
     low-resolution network output is `out`."""
-    if not produces_maps(model):
-        return model.render(x, out, top, left)
     ds = model.config.downsample
-    if top == 0 and left == 0:  # the whole image, or its top-left crop: the inference path
-        return remap(x, *out.split(1, dim=1), downsample=ds).z
-    return remap(x, *crop_maps(out, top, left, tuple(x.shape[-2:]), ds).split(1, dim=1)).z
+    if produces_maps(model):
+        if top == 0 and left == 0:  # the whole image, or its top-left crop: the inference path
+            return remap(x, *out.split(1, dim=1), downsample=ds).z
+        return remap(x, *crop_maps(out, top, left, tuple(x.shape[-2:]), ds).split(1, dim=1)).z
+    fields = crop_maps(out, top, left, tuple(x.shape[-2:]), ds) if model.spatial else out
+    return model.apply_rule(x, fields)
+
+
+def render_points(model: nn.Module, x: torch.Tensor, out: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+    """z (N, P) at P full-resolution pixels (rows/cols rc (P, 2)) whose input values are x (N, P)."""
+    from training.dataset import maps_at_points
+
+    if produces_maps(model):
+        return remap(x, *maps_at_points(out, rc, model.config.downsample).unbind(1)).z
+    x4 = x[:, None, None, :]  # (N, 1, 1, P): a one-row image
+    fields = maps_at_points(out, rc, model.config.downsample)[:, :, None, :] if model.spatial else out
+    return model.apply_rule(x4, fields)[:, 0, 0]
 
 
 def enhance(model: nn.Module, x: torch.Tensor) -> Enhancement:
@@ -124,8 +138,10 @@ class ImageResUNet(InterpretableResUNet):
         out = self.head(self.features(_pad_to_multiple(low, self.multiple), stats))[..., :h0, :w0]
         return torch.sigmoid(out)
 
-    def render(self, x, out, top=0, left=0):
-        return crop_maps(out, top, left, tuple(x.shape[-2:]), self.config.downsample)
+    spatial = True
+
+    def apply_rule(self, x, fields):
+        return fields  # the upsampled image itself: x is not used at full resolution
 
 
 class DLBC(nn.Module):
@@ -148,8 +164,10 @@ class DLBC(nn.Module):
         wc, ww = self.window(low)
         return torch.stack([wc, ww], dim=1)
 
-    def render(self, x, out, top=0, left=0):
-        return sigmoid_window(x, out[:, 0, None, None, None], out[:, 1, None, None, None])
+    spatial = False
+
+    def apply_rule(self, x, window):
+        return sigmoid_window(x, window[:, 0, None, None, None], window[:, 1, None, None, None])
 
 
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -188,8 +206,10 @@ class AdaptiveLUT(nn.Module):
         """The per-image LUT (N, P)."""
         return self.encoder(low) @ self.bases
 
-    def render(self, x, out, top=0, left=0):
-        return apply_lut(x, out).clamp(0.0, 1.0)
+    spatial = False
+
+    def apply_rule(self, x, lut):
+        return apply_lut(x, lut).clamp(0.0, 1.0)
 
 
 class SupDCE(nn.Module):
@@ -219,8 +239,9 @@ class SupDCE(nn.Module):
         h6 = F.relu(self.c6(torch.cat([h2, h5], 1)))
         return torch.tanh(self.c7(torch.cat([h1, h6], 1)))
 
-    def render(self, x, out, top=0, left=0):
-        r = crop_maps(out, top, left, tuple(x.shape[-2:]), self.config.downsample)
+    spatial = True
+
+    def apply_rule(self, x, r):
         z = x.clamp(0.0, 1.0)
         for i in range(self.iterations):
             z = z + r[:, i : i + 1] * (z * z - z)

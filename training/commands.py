@@ -45,7 +45,11 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
 @click.option("--resume", default=None, type=click.Path(), help="Continue the run whose best checkpoint is W.")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
+@click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
+              help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
 @click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
+@click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
+              help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
 @click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
 @click.option("--map-weights", default="1,1,1,1", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
@@ -56,15 +60,15 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
-                  patience, max_minutes, seed, threads, no_augment, cache, no_progress):
+                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from training.loop import TrainConfig, train
 
     weights = tuple(float(v) for v in map_weights.split(","))
     if len(weights) != 4:
         raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
-    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, epochs=epochs, lr=lr,
-                      batch=batch, crop=crop, image_weight=image_weight, map_weights=weights, patience=patience,
+    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, epochs=epochs, lr=lr,
+                      batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
                       max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
                       cache=cache, resume=resume or "", progress=not no_progress)
     train(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))

@@ -4,7 +4,10 @@ A sample is built from a cached archive item:
   x_low   (1, h, w)  the whole image at the model's resolution (the network needs global context)
   maps    (4, h, w)  ground-truth a, b, wc, ww at that resolution
   x_crop, z_crop (1, c, c)  a full-resolution crop of the input and of the target presentation,
-          at (top, left) of the augmented frame, for the image term of the loss.
+          at (top, left) of the augmented frame, for the image term of the loss;
+  pts_rc, pts_x, pts_z      `points` full-resolution pixels scattered over the whole augmented
+          frame (their row/col and x, z values): the image term over the whole image, so the
+          global window is supervised everywhere and not only inside one crop.
 
 Geometric augmentation (mirror, rotation, shear, scale) is one affine map of the output frame
 onto the source frame, applied identically to x, z and the maps (the remap is pixel-wise, so a
@@ -51,6 +54,9 @@ class Sample:
     z_crop: torch.Tensor
     top: int
     left: int
+    pts_rc: torch.Tensor | None = None  # (P, 2) full-resolution (row, col) in the augmented frame
+    pts_x: torch.Tensor | None = None  # (P,)
+    pts_z: torch.Tensor | None = None  # (P,)
 
 
 def draw_affine(shape, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray | None:
@@ -90,7 +96,7 @@ def _grid(M, rows: np.ndarray, cols: np.ndarray):
 
 
 def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int,
-                aug: AugmentConfig = NO_AUGMENT, centre: bool = False) -> Sample:
+                aug: AugmentConfig = NO_AUGMENT, centre: bool = False, points: int = 0) -> Sample:
     x_low_np, maps_np = item.low()
     x_full, z_full = item.x, item.z
     H, W = x_full.shape
@@ -121,6 +127,27 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         both = _sample(box, sc - c0, sr - r0, 1)
         x_crop, z_crop = both[:1], both[1:]
 
+    pts_rc = pts_x = pts_z = None
+    if points:
+        pr = rng.integers(0, H, size=points).astype(np.float64)
+        pc = rng.integers(0, W, size=points).astype(np.float64)
+        if M is None:
+            ri, ci = pr.astype(np.int64), pc.astype(np.int64)
+            flat = ri * W + ci
+            order = np.argsort(flat)  # sorted reads of the memory map
+            xs = np.empty(points, np.float32)
+            zs = np.empty(points, np.float32)
+            xs[order] = np.asarray(x_full).reshape(-1)[flat[order]]
+            zs[order] = np.asarray(z_full).reshape(-1)[flat[order]]
+            pts_x, pts_z = torch.from_numpy(xs), torch.from_numpy(zs)
+        else:
+            src_c = M[0, 0] * pc + M[0, 1] * pr + M[0, 2]
+            src_r = M[1, 0] * pc + M[1, 1] * pr + M[1, 2]
+            full = torch.from_numpy(np.stack([np.asarray(x_full, dtype=np.float32), np.asarray(z_full, dtype=np.float32)]))
+            vals = _sample(full, torch.from_numpy(src_c)[None], torch.from_numpy(src_r)[None], 1)[:, 0]
+            pts_x, pts_z = vals[0], vals[1]
+        pts_rc = torch.from_numpy(np.stack([pr, pc], axis=1).astype(np.float32))
+
     if rng.random() < aug.intensity:
         gain = rng.uniform(*aug.gain)
         offset = rng.uniform(-aug.offset, aug.offset)
@@ -142,8 +169,23 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
             x_low = al * x_low + be
             ac, bc = alpha_beta(np.arange(top, top + ch), np.arange(left, left + cw))
             x_crop = ac * x_crop + bc
+            if points:
+                cc, rr = pts_rc[:, 1].numpy().astype(np.float64), pts_rc[:, 0].numpy().astype(np.float64)
+                ap = gain * (1 + ramp * (ct * (cc - (W - 1) / 2) + st * (rr - (H - 1) / 2)))
+                pts_x = torch.from_numpy(ap.astype(np.float32)) * pts_x + float(offset)
     return Sample(x_low=x_low.contiguous(), maps=maps.contiguous(), x_crop=x_crop.contiguous(),
-                  z_crop=z_crop.contiguous(), top=top, left=left)
+                  z_crop=z_crop.contiguous(), top=top, left=left, pts_rc=pts_rc, pts_x=pts_x, pts_z=pts_z)
+
+
+def maps_at_points(maps_low: torch.Tensor, rc: torch.Tensor, downsample: int) -> torch.Tensor:
+    """Maps (N, C, h, w) at full-resolution points rc (P, 2) -> (N, C, P): the same bilinear
+    values `upsample_maps(..., downsample)` gives at those pixels (border clamped)."""
+    h, w = maps_low.shape[-2:]
+    gx = (rc[:, 1] + 0.5) / downsample / w * 2 - 1
+    gy = (rc[:, 0] + 0.5) / downsample / h * 2 - 1
+    grid = torch.stack([gx, gy], dim=-1)[None, None].to(maps_low.device, maps_low.dtype)
+    grid = grid.expand(maps_low.shape[0], -1, -1, -1)
+    return F.grid_sample(maps_low, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0]
 
 
 def crop_maps(maps_low: torch.Tensor, top: int, left: int, size: tuple[int, int], downsample: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model
 from model.remap import remap
 from training.archive import Archive
-from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample
+from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
 
 
 @dataclass
@@ -50,12 +50,14 @@ class TrainConfig:
     width: int = 32
     levels: int = 5
     parameterisation: str = "relative"
+    lowpass_radius: int = 3  # L(x) of the relative parameterisation, low-res pixels
     epochs: int = 30
     lr: float = 1e-3
     min_lr_ratio: float = 0.02  # cosine decays to lr * this
     warmup_steps: int = 50
     batch: int = 4
     crop: int = 512  # full-resolution crop side for the image term
+    points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
     image_weight: float = 1.0
     map_weights: tuple = (1.0, 1.0, 1.0, 1.0)  # a, b, wc, ww
     patience: int = 10  # epochs without a better validation loss before stopping
@@ -77,6 +79,10 @@ def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]
     full = crop_maps(pred, s.top, s.left, size, cfg.downsample)
     z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
     image = F.mse_loss(z, s.z_crop[None].to(device))
+    if s.pts_rc is not None:  # the whole image: scattered full-resolution pixels through the same remap
+        at = maps_at_points(pred, s.pts_rc.to(device), cfg.downsample)[0]  # (4, P)
+        zp = remap(s.pts_x.to(device), *at.unbind(0)).z.reshape(-1)
+        image = 0.5 * (image + F.mse_loss(zp, s.pts_z.to(device)))
     gt = s.maps.to(device)
     maps = [F.mse_loss(pred[0, i], gt[i]) for i in range(4)]
     total = cfg.image_weight * image + sum(w * m for w, m in zip(cfg.map_weights, maps))
@@ -107,6 +113,19 @@ def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> d
     n = max(sums[2].item(), 1.0)
     loss, image = sums[0].item() / n, sums[1].item() / n
     return {"loss": loss, "image_mse": image, "psnr": -10 * math.log10(max(image, 1e-12))}
+
+
+class PercentileWindowMaps(torch.nn.Module):
+    """The identity-map baseline as a "model": a = 1, b = 0 and a global window from the 1st /
+    99th percentiles of the image (reference (A) of evaluate), so `validate` can score it."""
+
+    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
+        flat = x_low.flatten(1)
+        lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99], dtype=flat.dtype), dim=1)
+        wc = ((lo + hi) / 2).clamp(0, 1)
+        ww = ((hi - lo) / 1.2).clamp(0.02, 1)
+        ones = torch.ones_like(x_low)
+        return torch.cat([ones, 0 * ones, wc[:, None, None, None] * ones, ww[:, None, None, None] * ones], dim=1)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -150,7 +169,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
 
     # ---- model and optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    mconf = ModelConfig(downsample=cfg.downsample, width=cfg.width, levels=cfg.levels, parameterisation=cfg.parameterisation)
+    mconf = ModelConfig(downsample=cfg.downsample, width=cfg.width, levels=cfg.levels, parameterisation=cfg.parameterisation,
+                        lowpass_radius=cfg.lowpass_radius)
     model = build_model(mconf).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
@@ -203,7 +223,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
                 if j % world != rank:
                     continue
                 rng = np.random.default_rng([cfg.seed, epoch, int(idx)])
-                s = make_sample(train_items[idx], rng, cfg.crop, cfg.downsample, aug)
+                s = make_sample(train_items[idx], rng, cfg.crop, cfg.downsample, aug, points=cfg.points)
                 loss, parts = sample_loss(model, s, cfg, device)
                 (loss / len(batch)).backward()
                 for k, v in parts.items():

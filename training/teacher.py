@@ -107,8 +107,9 @@ def find_anatomy_mask(x: np.ndarray) -> np.ndarray:
     """Classical anatomy mask for an image with no annotation (what reference B must use).
 
     Three-class Otsu on a downsampled copy: the darkest class is direct-exposure air, the
-    brightest class *touching the image border* is collimation (bone and markers inside the
-    field are kept); small holes are filled. Returns a full-size bool mask.
+    brightest class, where it is flat (no structure) and touches the image border, is
+    collimation (bone and markers inside the field are kept); dark regions enclosed by the body (lungs, bowel gas) are filled back in,
+    since they are anatomy and not direct exposure. Returns a full-size bool mask.
     """
     from skimage.filters import threshold_multiotsu
 
@@ -119,15 +120,15 @@ def find_anatomy_mask(x: np.ndarray) -> np.ndarray:
         t_air, t_col = threshold_multiotsu(small, classes=3)
     except ValueError:  # a flat image
         return np.ones(x.shape, dtype=bool)
-    bright = small > t_col
-    labels, n = ndimage.label(bright)
+    mean = ndimage.uniform_filter(small.astype(np.float64), 5)
+    local_std = np.sqrt(np.maximum(ndimage.uniform_filter(small.astype(np.float64) ** 2, 5) - mean**2, 0))
+    bright_flat = (small > t_col) & (local_std < 0.01)  # a collimated plateau has no structure
+    labels, n = ndimage.label(bright_flat)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    collimation = np.isin(labels, border[border > 0])
-    # collimation only if it is a flat plateau (low texture), not a dense anatomy touching the edge
-    if collimation.any() and small[collimation].std() > 0.08:
-        collimation[:] = False
+    collimation = ndimage.binary_dilation(np.isin(labels, border[border > 0]), iterations=2)
     mask = (small > t_air) & ~collimation
     mask = ndimage.binary_opening(mask, iterations=2)
+    mask = ndimage.binary_fill_holes(mask)
     if mask.sum() < 0.05 * mask.size:
         mask = ~collimation if (~collimation).sum() > 0.05 * mask.size else np.ones_like(mask)
     full = np.repeat(np.repeat(mask, f, axis=0), f, axis=1)[: x.shape[0], : x.shape[1]]
