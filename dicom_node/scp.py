@@ -18,6 +18,7 @@ from pydicom.uid import (
     HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -44,6 +45,19 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 
+def _file_writer(event: evt.Event):
+    """Writes what `event.encoded_dataset()` returns (preamble, file meta, the dataset as
+    received) without first joining a copy of the whole dataset in memory."""
+    head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    stream = event.request.DataSet
+
+    def write(f) -> None:
+        f.write(head)
+        with stream.getbuffer() as body:  # released at once: pynetdicom closes the stream
+            f.write(body)
+    return write
+
+
 def association_label(assoc) -> str:
     """`CALLING@address:port`: unique per association while it lives, readable in logs."""
     peer = assoc.requestor
@@ -63,11 +77,14 @@ class StoreHandler:
                 association=association_label(event.assoc), sop_instance_uid=sop_uid):
             path = None
             try:
-                data = event.encoded_dataset(include_meta=True)
-                path = self.spool.store_received(data, sop_uid)
+                data = _file_writer(event)
+                # file: tmp + fsync + rename; job: SQLite commit (fsync); then the folder
+                # fsync that makes the rename durable. All of it before we answer.
+                path = self.spool.store_received(data, sop_uid, sync_dir=False)
                 job_id, superseded = self.queue.add(
                     sop_uid, str(request.AffectedSOPClassUID), path,
                     calling_aet=event.assoc.requestor.ae_title)
+                self.spool.sync_incoming()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
                 self._discard(path)
@@ -79,7 +96,7 @@ class StoreHandler:
             if superseded:
                 self._discard(*superseded)
                 log.info("superseded an earlier copy still waiting", job_id=job_id)
-            log.info("received", job_id=job_id, bytes=len(data),
+            log.info("received", job_id=job_id, bytes=path.stat().st_size,
                      sop_class_uid=str(request.AffectedSOPClassUID))
             self.on_stored()
             return SUCCESS
@@ -109,6 +126,7 @@ def build_ae(settings: NodeSettings) -> AE:
     """The AE with our title, limits, timeouts, allowed callers and supported contexts."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = 0  # no limit: senders use big PDUs, far fewer Python round trips
     for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
         value = getattr(settings, name)
         if value is not None:

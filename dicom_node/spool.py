@@ -34,11 +34,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None]) -> Path:
+def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
+                 sync_dir: bool = True) -> Path:
     """Write `content` (bytes, or a function writing to a binary file) to `target` durably.
 
     The temporary file is made in the target's folder so the rename never crosses a file
-    system. On any error the temporary file is removed and the error propagates.
+    system. On any error the temporary file is removed and the error propagates. With
+    `sync_dir=False` the caller must fsync the folder itself before relying on the file.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
@@ -54,7 +56,8 @@ def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None]) -> P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    if sync_dir:
+        fsync_dir(target.parent)
     return target
 
 
@@ -79,10 +82,18 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
-    def store_received(self, data: bytes, sop_instance_uid: str) -> Path:
-        """Durably write one received instance; a unique name per receipt."""
+    def store_received(self, data: bytes | Callable[[BinaryIO], None], sop_instance_uid: str,
+                       sync_dir: bool = True) -> Path:
+        """Write one received instance (tmp, fsync, rename); a unique name per receipt.
+
+        The SCP passes sync_dir=False and calls `sync_incoming` after committing the job:
+        the same guarantees before it answers, one journal commit fewer on ext4.
+        """
         name = f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
-        return write_atomic(self.incoming / name, data)
+        return write_atomic(self.incoming / name, data, sync_dir=sync_dir)
+
+    def sync_incoming(self) -> None:
+        fsync_dir(self.incoming)
 
     def derived_path(self, job_id: int) -> Path:
         return self.derived / f"{job_id}.dcm"

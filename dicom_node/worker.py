@@ -37,6 +37,8 @@ from dicom_node.spool import Spool, write_atomic
 log = structlog.get_logger("dicom_node.worker")
 
 BATCH_SIZE = 16
+#: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
+WORKER_NICENESS = 5
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -244,6 +246,7 @@ def main(config_path: str, stop, wake) -> None:
     """Process entry point: work until `stop` is set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    os.nice(WORKER_NICENESS)
     config = load_config(config_path)
     configure_logging(config.logging.format, config.logging.level)
     structlog.contextvars.bind_contextvars(process="worker")
@@ -252,6 +255,8 @@ def main(config_path: str, stop, wake) -> None:
     resumed = worker.queue.resume()
     if resumed:
         log.info("resumed jobs left in processing", count=resumed)
+    log.info("worker ready", destinations=[t.name for t in worker.targets],
+             enhance=sorted(worker.enhance_classes))
     parent = multiprocessing.parent_process()
     while not stop.is_set():
         if parent is not None and not parent.is_alive():
