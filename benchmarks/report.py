@@ -41,7 +41,7 @@ class Row:
     consistency: float  # lower is more consistent (see the table's legend)
     seconds_cpu: float  # per image, median
     params: int | None = None  # learned parameters; None for classical methods
-    map_mae: float | None = None  # mean |map - gt| over a, b, wc, ww; None where no maps
+    map_mae: tuple | None = None  # mean |map - gt| of a, b, wc, ww; None where no maps
     seconds_gpu: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +54,10 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
     return format(value, spec)
+
+
+def _maps(mae: tuple | None) -> str:
+    return "—" if mae is None else " / ".join(f"{v:.3f}" for v in mae)
 
 
 def _params(n: int | None) -> str:
@@ -106,14 +110,14 @@ def render_table(rows: list[Row], meta: dict) -> str:
               f"Test split: {meta.get('test_images', '?')} images  ", f"Training: {meta.get('training', '')}  ",
               f"Timing: {meta.get('cpu', 'CPU')}" + (f"; GPU: {gpu}" if gpu else "; no GPU on this machine") + "  ",
               f"Run: {meta.get('date', '')}, commit {meta.get('commit', '')}", ""]
-    head = ["Method", "PSNR (dB)", "SSIM", "Map MAE", "Consistency", "Params", "s/img CPU"]
+    head = ["Method", "PSNR (dB)", "SSIM", "Map MAE a / b / wc / ww", "Consistency", "Params", "s/img CPU"]
     if gpu:
         head.append("s/img GPU")
     head += ["Paper PSNR", "Paper SSIM", "Paper s/img (A100)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         paper = PAPER.get(r.key)
-        cells = [r.name, _fmt(r.psnr, ".2f"), _fmt(r.ssim, ".4f"), _fmt(r.map_mae, ".4f"), _fmt(r.consistency, ".4f"),
+        cells = [r.name, _fmt(r.psnr, ".2f"), _fmt(r.ssim, ".4f"), _maps(r.map_mae), _fmt(r.consistency, ".4f"),
                  _params(r.params), _fmt(r.seconds_cpu, ".3f")]
         if gpu:
             cells.append(_fmt(r.seconds_gpu, ".4f"))
@@ -123,8 +127,8 @@ def render_table(rows: list[Row], meta: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Legend: PSNR and SSIM of the displayed image z against the ground-truth presentation, "
               "over the whole image, mean over the test images (the same metric code for every row). "
-              "Map MAE: mean absolute error of the a, b, wc, ww maps against the exact ground truth "
-              "(only models that predict the maps). "
+              "Map MAE: mean absolute error of each of the a, b, wc, ww maps against the exact ground truth "
+              "at the model's resolution (only models that predict the maps). "
               f"Consistency: {meta.get('consistency', '')} "
               "Paper columns: the paper's clinical data and an A100 — beside ours for scale, not comparable "
               "number for number (different data).", ""]

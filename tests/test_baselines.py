@@ -18,6 +18,7 @@ from training.baselines import (
     parameter_count,
     produces_maps,
     render,
+    render_points,
 )
 from tests.helpers import phantom_radiograph
 
@@ -166,3 +167,20 @@ def test_global_baselines_accept_images_smaller_than_their_receptive_field():
         model = build_model(baseline_config(name, width=8)).eval()
         with torch.no_grad():
             assert enhance(model, x).z.shape == x.shape
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES) + ["proposed"])
+def test_rendering_scattered_pixels_equals_the_rendered_image_there(name):
+    """The loss's whole-image term samples scattered pixels; they must be the inference output."""
+    torch.manual_seed(0)
+    config = ModelConfig(downsample=8, width=8) if name == "proposed" else baseline_config(name, width=8)
+    model = build_model(config).eval()
+    x = torch.cat([phantom_x(203, 157, seed=1), phantom_x(203, 157, seed=2)])
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, 203, 50), rng.integers(0, 157, 50)
+    rc = torch.from_numpy(np.stack([rows, cols], axis=1).astype(np.float32))
+    with torch.no_grad():
+        out = model(downsample_image(x, 8))
+        whole = render(model, x, out)
+        points = render_points(model, x[:, 0, rows, cols], out, rc)
+    torch.testing.assert_close(points, whole[:, 0, rows, cols], atol=1e-5, rtol=0)

@@ -5,7 +5,9 @@
 
 Loss (paper, Eqn 1): MSE(z_pred, z_gt) on full-resolution crops, z_pred = remap(crop of x, maps
 upsampled from the prediction) through model.remap, plus MSE of each of a, b, wc, ww at the
-model's resolution. Weights per term are in TrainConfig (Eqn 1 = all ones).
+model's resolution. Weights per term are in TrainConfig (Eqn 1 = all ones). A Table 1 baseline
+(TrainConfig.arch "baseline:<name>", training.baselines) has no maps: it is trained on the same
+image term alone, rendered by its own rule (`training.baselines.render`).
 
 Defaults differ from the paper's (Adam lr 1e-5, batch 1, trained to convergence on an A100):
 we have ~30 minutes on 2 CPU cores, i.e. a few thousand samples. lr 1e-3 with warm-up and
@@ -39,6 +41,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model
 from model.remap import remap
 from training.archive import Archive
+from training.baselines import produces_maps, render, render_points
 from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
 
 
@@ -46,6 +49,8 @@ from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample, 
 class TrainConfig:
     archive: str = ""
     out: str = "var/train/model.pt"
+    arch: str = "interpretable"  # or a Table 1 baseline, "baseline:<name>" (training.baselines)
+    model_extra: dict = field(default_factory=dict)  # ModelConfig.extra: the baseline's own settings
     downsample: int = 8
     width: int = 32
     levels: int = 5
@@ -75,6 +80,8 @@ class TrainConfig:
 def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
     """Eqn 1 for one sample: image MSE on the full-resolution crop + MSE of every map."""
     pred = model(s.x_low[None].to(device))  # (1, 4, h, w)
+    if not produces_maps(model):
+        return baseline_loss(model, pred, s, cfg, device)
     size = tuple(s.x_crop.shape[-2:])
     full = crop_maps(pred, s.top, s.left, size, cfg.downsample)
     z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
@@ -89,6 +96,16 @@ def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]
     return total, {"image": image.item(), "a": maps[0].item(), "b": maps[1].item(), "wc": maps[2].item(), "ww": maps[3].item()}
 
 
+def baseline_loss(model, pred, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
+    """A Table 1 baseline has no maps: the image term alone, on the same crop and pixels."""
+    z = render(model, s.x_crop[None].to(device), pred, s.top, s.left)
+    image = F.mse_loss(z, s.z_crop[None].to(device))
+    if s.pts_rc is not None:
+        zp = render_points(model, s.pts_x[None].to(device), pred, s.pts_rc.to(device))[0]
+        image = 0.5 * (image + F.mse_loss(zp, s.pts_z.to(device)))
+    return cfg.image_weight * image, {"image": image.item()}
+
+
 @torch.no_grad()
 def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> dict:
     """Whole-image validation, exactly as the predictor runs: maps from the cached /ds input,
@@ -101,11 +118,17 @@ def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> d
         x_low, maps_gt = item.low()
         pred = model(torch.from_numpy(x_low)[None, None].to(device))
         x = torch.from_numpy(np.asarray(item.x, dtype=np.float32)).to(device)
-        z = remap(x, *pred.split(1, dim=1), downsample=cfg.downsample).z
+        has_maps = produces_maps(model)
+        if has_maps:
+            z = remap(x, *pred.split(1, dim=1), downsample=cfg.downsample).z
+        else:
+            z = render(model, x[None, None], pred)[0, 0]
         image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device)).item()
-        gt = torch.from_numpy(maps_gt).to(device)
-        maps = [F.mse_loss(pred[0, k], gt[k]).item() for k in range(4)]
-        loss = cfg.image_weight * image + sum(w * m for w, m in zip(cfg.map_weights, maps))
+        loss = cfg.image_weight * image
+        if has_maps:
+            gt = torch.from_numpy(maps_gt).to(device)
+            maps = [F.mse_loss(pred[0, k], gt[k]).item() for k in range(4)]
+            loss += sum(w * m for w, m in zip(cfg.map_weights, maps))
         sums += torch.tensor([loss, image, 1.0], dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(sums)
@@ -169,8 +192,9 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
 
     # ---- model and optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    mconf = ModelConfig(downsample=cfg.downsample, width=cfg.width, levels=cfg.levels, parameterisation=cfg.parameterisation,
-                        lowpass_radius=cfg.lowpass_radius)
+    mconf = ModelConfig(arch=cfg.arch, downsample=cfg.downsample, width=cfg.width, levels=cfg.levels,
+                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius,
+                        extra=dict(cfg.model_extra))
     model = build_model(mconf).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
