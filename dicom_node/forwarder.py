@@ -202,7 +202,7 @@ def _transcoded(path: Path):
     ds = dcmread(path)
     ts = ds.file_meta.TransferSyntaxUID
     if ts.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # the same instance, only re-encoded
     elif ts != ExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds

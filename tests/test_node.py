@@ -312,3 +312,86 @@ def test_the_scp_side_never_imports_torch():
                             text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+class PickyPeer:
+    """A pynetdicom Storage SCP that accepts only uncompressed transfer syntaxes and answers
+    with scripted statuses per SOP class: a PACS with its own opinions."""
+
+    def __init__(self, statuses: dict[str, list[int]]):
+        from pynetdicom import evt
+        from pynetdicom.sop_class import (
+            ComputedRadiographyImageStorage, MRImageStorage, Verification)
+
+        self.statuses = statuses  # SOP Class UID -> statuses to answer, last one repeats
+        self.received: list[tuple[str, str, int]] = []  # (SOP Instance UID, transfer syntax, status)
+        self.datasets: dict[str, pydicom.Dataset] = {}
+        self.port = free_port()
+        self.ae = AE(ae_title="PICKY")
+        for sop_class in (CTImageStorage, MRImageStorage, ComputedRadiographyImageStorage):
+            self.ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.ae.add_supported_context(Verification)
+        self.ae.start_server(("127.0.0.1", self.port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        script = self.statuses.get(str(ds.SOPClassUID), [0x0000])
+        seen = sum(1 for uid, _, _ in self.received if uid == ds.SOPInstanceUID)
+        status = script[min(seen, len(script) - 1)]
+        self.received.append((str(ds.SOPInstanceUID), str(event.context.transfer_syntax), status))
+        if status == 0x0000:
+            self.datasets[str(ds.SOPInstanceUID)] = ds
+        return status
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_failures_are_classified_and_compressed_files_are_transcoded_for_a_picky_peer(
+        tmp_path, peers, constant_weights):
+    ct, mr, j2k = sample("CT_small.dcm"), sample("MR_small.dcm"), sample("RG1_J2KR.dcm")
+    picky = PickyPeer({
+        "1.2.840.10008.5.1.4.1.1.2": [0xA900],                  # CT: does not match SOP class
+        "1.2.840.10008.5.1.4.1.1.4": [0xA700, 0xA702, 0x0000],  # MR: out of resources twice
+    })
+    peers.append(picky)
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [
+        {"name": "picky", "type": "dicom", "ae_title": "PICKY", "host": "127.0.0.1", "port": picky.port}],
+        enhance=(), retry=(0.2, 0.5)))
+
+    assert storescu([ct, mr, j2k], node.port).returncode == 0
+    report = node.wait_drained(expected_done=3, timeout=60)
+
+    # 0xA900: failed at once, no retry, held with its reason
+    assert report["counts"] == {"received": 0, "processing": 0, "done": 2, "failed": 1}
+    assert [s for uid, _, s in picky.received if uid == uid_of(ct)] == [0xA900]
+    (failed,) = report["failed"]
+    reason = Path(failed["path"]).with_name(Path(failed["path"]).name + ".reason.txt").read_text()
+    assert "0xA900" in reason and "does not match SOP class" in reason
+    # 0xA7xx: retried until accepted
+    assert [s for uid, _, s in picky.received if uid == uid_of(mr)] == [0xA700, 0xA702, 0x0000]
+    # JPEG 2000 not accepted by the peer: decompressed, same pixels
+    (ts,) = {t for uid, t, _ in picky.received if uid == uid_of(j2k)}
+    assert ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    original = pydicom.dcmread(j2k)
+    assert np.array_equal(picky.datasets[uid_of(j2k)].pixel_array, original.pixel_array)
+
+
+@pytest.mark.timeout(90)
+def test_a_destination_down_past_give_up_hours_ends_in_failed(tmp_path, peers, constant_weights):
+    node = NodeProcess(tmp_path / "node", constant_weights, [
+        {"name": "gone", "type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": free_port()}],
+        enhance=(), retry=(0.2, 0.5))
+    node.config.write_text(node.config.read_text().replace("give_up_hours = 1", "give_up_hours = 0.0005"))
+    start(peers, node)
+
+    assert storescu([sample("CT_small.dcm")], node.port).returncode == 0
+    report = node.wait_drained(expected_done=1, timeout=60)
+
+    (failed,) = report["failed"]
+    assert failed["reason"].startswith("gave up after") and "could not connect" in failed["reason"]
+    held = Path(failed["path"])
+    assert pydicom.dcmread(held).SOPInstanceUID == uid_of(sample("CT_small.dcm"))
