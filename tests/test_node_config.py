@@ -124,3 +124,29 @@ def test_backoff_doubles_with_jitter_and_is_capped(tmp_path):
 ])
 def test_store_statuses_are_classified(status, result):
     assert classify_status(status).result == result
+
+
+def test_a_second_copy_of_a_waiting_instance_supersedes_the_first(tmp_path):
+    from dicom_node.jobs import JobQueue
+
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    first, superseded = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", tmp_path / "a.dcm")
+    assert superseded == []
+    second, superseded = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", tmp_path / "b.dcm")
+    assert superseded == [tmp_path / "a.dcm"]
+    assert [j.id for j in queue.claim(10)] == [second]
+    # a copy arriving while the first is being processed is queued after it, not merged
+    third, superseded = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", tmp_path / "c.dcm")
+    assert superseded == [] and queue.counts() == {"received": 1, "processing": 1, "done": 1, "failed": 0}
+    assert "superseded" in queue.jobs("done")[0].last_error
+
+
+def test_jobs_left_in_processing_are_resumed(tmp_path):
+    from dicom_node.jobs import JobQueue
+
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    job_id, _ = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", tmp_path / "a.dcm")
+    assert [j.id for j in queue.claim(10)] == [job_id]
+    assert queue.claim(10) == []
+    assert JobQueue(tmp_path / "queue.sqlite3").resume() == 1  # as a restarted worker does
+    assert [j.id for j in queue.claim(10)] == [job_id]
