@@ -16,7 +16,7 @@ import structlog
 from pydicom import dcmread
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, NodeError
 from dicom_node.jobs import JobQueue
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
@@ -90,8 +90,12 @@ class Node:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
 
+        try:
+            ae, server = start_scp(cfg.node, spool, queue, on_stored=self.wake.set)
+        except OSError as exc:
+            raise NodeError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ([node] host/port):"
+                            f" {exc.strerror or exc}") from None
         self._start_worker()
-        ae, server = start_scp(cfg.node, spool, queue, on_stored=self.wake.set)
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])

@@ -37,6 +37,9 @@ from dicom_node.spool import Spool, write_atomic
 log = structlog.get_logger("dicom_node.worker")
 
 BATCH_SIZE = 16
+#: A batch stops taking more enhancement work after this long, so that what is ready is
+#: forwarded instead of waiting behind a slow model.
+PREPARE_BUDGET_SECONDS = 2.0
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
 
@@ -116,9 +119,11 @@ class Worker:
         """Claim and work one batch; returns how many jobs it took."""
         jobs = self.queue.claim(BATCH_SIZE)
         plans: list[Plan] = []
+        started = time.monotonic()
         for i, job in enumerate(jobs):
-            if stop is not None and stop.is_set():
-                self.queue.release([j.id for j in jobs[i:]])
+            late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
+            if late or (stop is not None and stop.is_set()):
+                self.queue.release([j.id for j in jobs[i:]])  # next batch, untouched
                 break
             with structlog.contextvars.bound_contextvars(job_id=job.id,
                                                          sop_instance_uid=job.sop_instance_uid):

@@ -395,3 +395,15 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed(tmp_path, peers, c
     assert failed["reason"].startswith("gave up after") and "could not connect" in failed["reason"]
     held = Path(failed["path"])
     assert pydicom.dcmread(held).SOPInstanceUID == uid_of(sample("CT_small.dcm"))
+
+
+@pytest.mark.timeout(60)
+def test_a_second_node_on_a_busy_port_fails_with_one_clear_line(tmp_path, peers, constant_weights):
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+
+    second = node.cli("serve", timeout=30)
+
+    assert second.returncode == 2
+    assert f"error: cannot listen on 127.0.0.1:{node.port} ([node] host/port)" in second.stderr
+    assert "Traceback" not in second.stderr
