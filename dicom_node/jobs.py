@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     sop_instance_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     calling_aet TEXT NOT NULL DEFAULT '',
+    association TEXT NOT NULL DEFAULT '',
     path TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'done', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -55,6 +56,7 @@ class Job:
     sop_instance_uid: str
     sop_class_uid: str
     calling_aet: str
+    association: str
     path: Path
     state: str
     attempts: int
@@ -66,6 +68,7 @@ class Job:
     def from_row(cls, row: sqlite3.Row) -> Job:
         return cls(id=row["id"], sop_instance_uid=row["sop_instance_uid"],
                    sop_class_uid=row["sop_class_uid"], calling_aet=row["calling_aet"],
+                   association=row["association"],
                    path=Path(row["path"]), state=row["state"], attempts=row["attempts"],
                    received_at=row["received_at"], next_attempt_at=row["next_attempt_at"],
                    last_error=row["last_error"])
@@ -104,7 +107,7 @@ class JobQueue:
     # --- the SCP side ------------------------------------------------------------------
 
     def add(self, sop_instance_uid: str, sop_class_uid: str, path: Path,
-            calling_aet: str = "") -> tuple[int, list[Path]]:
+            calling_aet: str = "", association: str = "") -> tuple[int, list[Path]]:
         """Record a received instance; committed (durable) when this returns.
 
         An older copy of the same SOP Instance that is still waiting (not yet claimed) is
@@ -119,9 +122,10 @@ class JobQueue:
                 "SELECT id, path FROM jobs WHERE sop_instance_uid = ? AND state = 'received'",
                 (sop_instance_uid,)).fetchall()
             job_id = conn.execute(
-                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, calling_aet, path, state,"
-                " received_at, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 'received', ?, ?, ?)",
-                (sop_instance_uid, sop_class_uid, calling_aet, str(path), now, now, now),
+                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, calling_aet, association, path,"
+                " state, received_at, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?)",
+                (sop_instance_uid, sop_class_uid, calling_aet, association, str(path), now, now, now),
             ).lastrowid
             for row in old:
                 conn.execute(

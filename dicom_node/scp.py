@@ -73,8 +73,8 @@ class StoreHandler:
     def __call__(self, event: evt.Event) -> int:
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID)
-        with structlog.contextvars.bound_contextvars(
-                association=association_label(event.assoc), sop_instance_uid=sop_uid):
+        association = association_label(event.assoc)
+        with structlog.contextvars.bound_contextvars(association=association, sop_instance_uid=sop_uid):
             path = None
             try:
                 data = _file_writer(event)
@@ -83,7 +83,7 @@ class StoreHandler:
                 path = self.spool.store_received(data, sop_uid, sync_dir=False)
                 job_id, superseded = self.queue.add(
                     sop_uid, str(request.AffectedSOPClassUID), path,
-                    calling_aet=event.assoc.requestor.ae_title)
+                    calling_aet=event.assoc.requestor.ae_title, association=association)
                 self.spool.sync_incoming()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))

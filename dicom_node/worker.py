@@ -125,7 +125,7 @@ class Worker:
             if late or (stop is not None and stop.is_set()):
                 self.queue.release([j.id for j in jobs[i:]])  # next batch, untouched
                 break
-            with structlog.contextvars.bound_contextvars(job_id=job.id,
+            with structlog.contextvars.bound_contextvars(job_id=job.id, association=job.association,
                                                          sop_instance_uid=job.sop_instance_uid):
                 plans.append(self.prepare(job))
         ready = [p for p in plans if p.failure is None and p.transient is None]
@@ -142,8 +142,9 @@ class Worker:
                     self.queue.record_delivery(plan.job.id, target.name, item.kind,
                                                item.sop_instance_uid)
         for plan in plans:
-            with structlog.contextvars.bound_contextvars(job_id=plan.job.id,
-                                                         sop_instance_uid=plan.job.sop_instance_uid):
+            job = plan.job
+            with structlog.contextvars.bound_contextvars(job_id=job.id, association=job.association,
+                                                         sop_instance_uid=job.sop_instance_uid):
                 self.settle(plan)
         return len(jobs)
 
@@ -224,7 +225,8 @@ class Worker:
 
     def hold(self, job: Job, reason: str) -> None:
         text = (f"job {job.id}\nSOP Instance UID {job.sop_instance_uid}\n"
-                f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}\n"
+                f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}"
+                f" (association {job.association})\n"
                 f"received {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(job.received_at))}\n"
                 f"reason: {reason}\n")
         held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)

@@ -5,6 +5,7 @@ one is needed, on free loopback ports, and stops them itself.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -90,6 +91,14 @@ def test_storescu_to_orthanc_forwards_originals_and_enhances_cr_only(tmp_path, p
     assert orthanc.transfer_syntax(stored[j2k_uid]) == "1.2.840.10008.1.2.4.90"
     assert not any(node.spool.glob("incoming/*.dcm")), "spool files removed once delivered"
     assert node.stop() == 0
+    # JSON log lines (stderr is not a TTY), each about one image carrying its context
+    lines = [json.loads(line) for line in node.log.read_text().splitlines()]
+    per_image = [e for e in lines if e["event"] in ("received", "enhanced", "delivered")]
+    assert len(per_image) == 5 + 3 + 5
+    for entry in per_image:
+        assert entry["association"].startswith("MODALITY@127.0.0.1:")
+        assert entry["sop_instance_uid"] in originals and isinstance(entry["job_id"], int)
+        assert entry["timestamp"].endswith("Z")
 
 
 @pytest.mark.timeout(120)
