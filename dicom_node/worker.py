@@ -135,7 +135,11 @@ class Worker:
                        if (target.name, item.kind) not in self.queue.deliveries(plan.job.id)]
             if not pending:
                 continue
-            outcomes = target.send_batch([item for _, item in pending])
+            try:
+                outcomes = target.send_batch([item for _, item in pending])
+            except Exception as exc:  # a bug or a surprise from a library: retry, don't die
+                log.exception("sending failed unexpectedly", destination=target.name)
+                outcomes = [Outcome("retry", f"{target.name}: {exc!r}")] * len(pending)
             for (plan, item), outcome in zip(pending, outcomes):
                 plan.outcomes.append((target.name, item, outcome))
                 if outcome.delivered:
