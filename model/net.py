@@ -38,6 +38,8 @@ class ModelConfig:
     parameterisation: str = "relative"
     min_ww: float = 0.02
     lowpass_radius: int = 3  # low-res pixels, the L(x) of the relative parameterisation
+    work_size: int = 0  # 0: the ResUNet runs on the /downsample image as it is; N: on a copy resized
+    #                     so its longer side is at most N (see InterpretableResUNet.forward)
     extra: dict = field(default_factory=dict)  # architecture-specific settings (baselines)
 
     def __post_init__(self):
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"width must be positive, got {self.width!r}")
         if self.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+        if self.work_size < 0:
+            raise ValueError(f"work_size must be >= 0, got {self.work_size!r}")
         if not 0 < self.min_ww < 1:
             raise ValueError(f"min_ww must be within (0, 1), got {self.min_ww!r}")
 
@@ -128,11 +132,26 @@ class InterpretableResUNet(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With config.work_size, the ResUNet sees an area-resized copy whose longer side is at
+        most work_size: the same anatomy then spans the same number of network pixels whatever
+        the detector size (1000–4096 px), and the cost per image is bounded. Its raw outputs
+        (log-gain s, level t, window c, w: all smooth) are resized back bilinearly, and the
+        constraint still uses L(x) and the statistics of the full /downsample image, so the
+        detail in b keeps the model's resolution."""
         h0, w0 = x.shape[-2:]
-        m = self.multiple
-        padded = F.pad(x, (0, (-w0) % m, 0, (-h0) % m), mode="replicate")
         stats = robust_stats(x)
-        raw = self.head(self.features(padded, stats))[..., :h0, :w0]
+        work = x
+        size = self.config.work_size
+        if size and max(h0, w0) > size:
+            scale = size / max(h0, w0)
+            hw = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
+            work = F.interpolate(x, size=hw, mode="area")
+        h1, w1 = work.shape[-2:]
+        m = self.multiple
+        padded = F.pad(work, (0, (-w1) % m, 0, (-h1) % m), mode="replicate")
+        raw = self.head(self.features(padded, stats))[..., :h1, :w1]
+        if (h1, w1) != (h0, w0):
+            raw = F.interpolate(raw, size=(h0, w0), mode="bilinear", align_corners=False)
         return self.constrain(raw, x, stats)
 
     def constrain(self, raw: torch.Tensor, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

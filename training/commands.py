@@ -47,6 +47,8 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
 @click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
               help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
+@click.option("--work-size", default=0, show_default=True, type=click.IntRange(0),
+              help="Run the ResUNet on a copy of the /ds image resized to this longer side (0: as is).")
 @click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
 @click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
               help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
@@ -60,14 +62,14 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
-                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius):
+                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from training.loop import TrainConfig, train
 
     weights = tuple(float(v) for v in map_weights.split(","))
     if len(weights) != 4:
         raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
-    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, epochs=epochs, lr=lr,
+    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, work_size=work_size, epochs=epochs, lr=lr,
                       batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
                       max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
                       cache=cache, resume=resume or "", progress=not no_progress)
@@ -94,5 +96,6 @@ def evaluate_command(archive, weights, split, csv_path, device, cache):
     m = result.summary[0]
     if "a_mae" in m:  # Table 1 baselines have no maps
         click.echo(f"model map MAE: a {m['a_mae']:.4f}  b {m['b_mae']:.4f}  wc {m['wc_mae']:.4f}  ww {m['ww_mae']:.4f}")
+    click.echo(f"model PSNR of the voi presentation (y under its one aggregate window): {m['psnr_voi']:.2f} dB")
     if csv_path:
         click.echo(f"per-image results: {csv_path}")

@@ -15,6 +15,8 @@ Metrics, all on the displayed presentation z in [0, 1], at full resolution:
   standard deviation across acquisitions of the output divided by the same of the raw inputs
   (lower = more consistent; 0 would also be reached by a constant output, so it is always
   reported beside PSNR/SSIM). The target itself scores ~0 (every acquisition has one target).
+  For the model, `psnr_voi` is also given: y under the one aggregate window the `voi` output
+  carries in its VOI LUT tags (the per-pixel window maps reduced to their median).
 `references` replaces (A) and (B) by any {name: x -> z} (benchmarks.table1 adds CLAHE; {} scores
 the model alone).
 """
@@ -104,6 +106,7 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
             pred = predictor(x)
             z_model = pred.z.cpu().numpy()
             mae = np.abs(pred.maps.cpu().numpy() - maps_gt).mean(axis=(1, 2))
+        z_voi = pred.z_aggregate().cpu().numpy()  # what a viewer shows for the `voi` output
         else:
             with torch.inference_mode():
                 z_model = enhance(model, predictor.pre_process(x)).z[0, 0].cpu().numpy()
@@ -119,6 +122,7 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
                    "psnr": psnr, "ssim": ssim, "seconds": secs}
             if method == "model" and has_maps:
                 row.update({f"{k}_mae": float(v) for k, v in zip(("a", "b", "wc", "ww"), mae)})
+                row["psnr_voi"] = float(-10 * np.log10(max(float(np.mean((z_voi - target) ** 2)), 1e-12)))
             rows.append(row)
             # consistency is computed on a /4 copy (the spread of smooth acquisition changes)
             outputs[method][item.id] = downsample_image(torch.from_numpy(np.ascontiguousarray(z)), 4)[0, 0].numpy()
@@ -147,9 +151,10 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
         if method == "model" and has_maps:
             for k in ("a", "b", "wc", "ww"):
                 entry[f"{k}_mae"] = float(np.mean([r[f"{k}_mae"] for r in mine]))
+            entry["psnr_voi"] = float(np.mean([r["psnr_voi"] for r in mine]))
         summary.append(entry)
     if csv_path:
-        fields = ["id", "group", "method", "rows", "cols", "psnr", "ssim", "seconds", "a_mae", "b_mae", "wc_mae", "ww_mae"]
+        fields = ["id", "group", "method", "rows", "cols", "psnr", "ssim", "seconds", "a_mae", "b_mae", "wc_mae", "ww_mae", "psnr_voi"]
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)

@@ -56,6 +56,7 @@ class TrainConfig:
     levels: int = 5
     parameterisation: str = "relative"
     lowpass_radius: int = 3  # L(x) of the relative parameterisation, low-res pixels
+    work_size: int = 0  # ModelConfig.work_size: the ResUNet's input longer side (0 = as is)
     epochs: int = 30
     lr: float = 1e-3
     min_lr_ratio: float = 0.02  # cosine decays to lr * this
@@ -151,12 +152,15 @@ class PercentileWindowMaps(torch.nn.Module):
         return torch.cat([ones, 0 * ones, wc[:, None, None, None] * ones, ww[:, None, None, None] * ones], dim=1)
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up (at most a tenth of the run), then cosine decay to lr * min_lr_ratio."""
+def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up (at most a tenth of the run), then cosine decay to lr * min_lr_ratio.
+
+    With --max-minutes the decay follows whichever is further along, the steps or the wall
+    time, so a run on a busy machine still anneals before its time is up."""
     warmup = min(cfg.warmup_steps, total // 10)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -193,7 +197,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     # ---- model and optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     mconf = ModelConfig(arch=cfg.arch, downsample=cfg.downsample, width=cfg.width, levels=cfg.levels,
-                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius,
+                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius, work_size=cfg.work_size,
                         extra=dict(cfg.model_extra))
     model = build_model(mconf).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -241,7 +245,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         sums = {}
         for batch in batches:
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(state["step"], total_steps, cfg)
+                time_fraction = (time.time() - start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+                g["lr"] = lr_at(state["step"], total_steps, cfg, time_fraction)
             optimizer.zero_grad(set_to_none=False)
             for j, idx in enumerate(batch):
                 if j % world != rank:
