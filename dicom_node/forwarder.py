@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import DicomDestination, FolderDestination, NodeSettings
 from dicom_node.errors import NodeError
-from dicom_node.spool import safe_name, write_atomic
+from dicom_node.spool import fsync_dir, safe_name, write_atomic
 
 _config.LOG_HANDLER_LEVEL = "none"
 
@@ -235,18 +235,41 @@ class FolderTarget:
         return f"{self.dest.name}: folder {self.dest.path} is writable"
 
     def send_batch(self, items: Sequence[Item]) -> list[Outcome]:
-        outcomes = []
+        """Each file tmp + fsync + rename; then one fsync per touched folder (including
+        the parents of folders made for a new patient/study/series) for the whole batch."""
+        outcomes, folders = [], set()
         for item in items:
             try:
                 target = self.target_path(item.path)
+                folders.update(_make_dirs(target.parent))
                 with open(item.path, "rb") as src:
-                    write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+                    write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20),
+                                 sync_dir=False)
                 outcomes.append(DELIVERED)
             except OSError as exc:  # disk full, permissions: may pass
                 outcomes.append(Outcome("retry", f"{self.dest.name}: cannot write: {exc}"))
             except Exception as exc:  # the file itself is unreadable
                 outcomes.append(Outcome("failed", f"{self.dest.name}: cannot file it: {exc}"))
+        try:
+            for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(folder)
+        except OSError as exc:
+            retry = Outcome("retry", f"{self.dest.name}: cannot sync {exc.filename}: {exc}")
+            outcomes = [retry if o.delivered else o for o in outcomes]
         return outcomes
+
+
+def _make_dirs(folder: Path) -> set[Path]:
+    """mkdir -p; returns the folders whose entries changed and need an fsync."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+    touched = {m.parent for m in missing}
+    touched.add(missing[0] if missing else folder)
+    return touched
 
 
 def make_target(dest, node: NodeSettings):

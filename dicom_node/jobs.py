@@ -134,9 +134,9 @@ class JobQueue:
                      row["id"]))
         return job_id, [Path(row["path"]) for row in old]
 
-    def known_paths(self) -> set[str]:
-        return {row[0] for row in self._conn().execute(
-            "SELECT path FROM jobs WHERE state IN ('received', 'processing')")}
+    def known_paths(self) -> dict[str, str]:
+        """Spool path -> state of the job that owns it, for every job."""
+        return {row[0]: row[1] for row in self._conn().execute("SELECT path, state FROM jobs")}
 
     # --- the worker side ---------------------------------------------------------------
 
@@ -178,34 +178,28 @@ class JobQueue:
         return {(row[0], row[1]) for row in self._conn().execute(
             "SELECT destination, item FROM deliveries WHERE job_id = ?", (job_id,))}
 
-    def record_delivery(self, job_id: int, destination: str, item: str, sop_instance_uid: str) -> None:
-        with self._conn() as conn:
-            conn.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
-                         (job_id, destination, item, sop_instance_uid, time.time()))
+    def settle(self, deliveries=(), done=(), retries=(), failed=()) -> None:
+        """A whole batch in one transaction (one fsync instead of several per job).
 
-    def finish(self, job_id: int, note: str | None = None) -> None:
-        """Every destination has every item of the job."""
-        self._set(job_id, "done", note)
-
-    def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
+        deliveries: (job_id, destination, item, sop_instance_uid); done: (job_id, note);
+        retries: (job_id, error, next_attempt_at); failed: (job_id, error, held_path).
+        """
+        now = time.time()
         with self._conn() as conn:
-            conn.execute(
+            conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
+                             [(*d, now) for d in deliveries])
+            conn.executemany(
+                "UPDATE jobs SET state = 'done', attempts = attempts + 1,"
+                " last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ?",
+                [(note, now, job_id) for job_id, note in done])
+            conn.executemany(
                 "UPDATE jobs SET state = 'received', attempts = attempts + 1, last_error = ?,"
                 " next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                (error, next_attempt_at, time.time(), job_id))
-
-    def fail(self, job_id: int, error: str, held_path: Path | None = None) -> None:
-        with self._conn() as conn:
-            conn.execute(
+                [(error, at, now, job_id) for job_id, error, at in retries])
+            conn.executemany(
                 "UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = ?,"
-                " path = COALESCE(?, path), updated_at = ? WHERE id = ?",
-                (error, None if held_path is None else str(held_path), time.time(), job_id))
-
-    def _set(self, job_id: int, state: str, note: str | None) -> None:
-        with self._conn() as conn:
-            conn.execute(
-                "UPDATE jobs SET state = ?, attempts = attempts + 1, last_error = COALESCE(?, last_error),"
-                " updated_at = ? WHERE id = ?", (state, note, time.time(), job_id))
+                " path = ?, updated_at = ? WHERE id = ?",
+                [(error, str(held), now, job_id) for job_id, error, held in failed])
 
     # --- reporting ---------------------------------------------------------------------
 

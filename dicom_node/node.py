@@ -29,11 +29,16 @@ WORKER_STOP_SECONDS = 60  # how long the worker may take to finish its batch
 
 def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
     """Files fully written to incoming/ whose job was never recorded (a crash between the
-    rename and the commit; the sender was not answered) are queued rather than lost."""
+    rename and the commit; the sender was not answered) are queued rather than lost.
+    Files of jobs already done (a crash between the commit and the delete) are deleted."""
     known = queue.known_paths()
     adopted = 0
     for path in spool.received_files():
-        if str(path) in known:
+        state = known.get(str(path))
+        if state == "done":
+            spool.remove(path)
+            continue
+        if state is not None:
             continue
         try:
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta

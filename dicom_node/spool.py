@@ -109,8 +109,12 @@ class Spool:
             fsync_dir(source.parent)
         return held
 
-    def remove(self, *paths: Path) -> None:
-        """Delete spool files whose work is complete (missing ones are fine)."""
+    def remove(self, *paths: Path, sync: bool = True) -> None:
+        """Delete spool files whose work is complete (missing ones are fine).
+
+        sync=False when the queue already says the work is done: a file that comes back
+        after a crash is recognised as done at the next start and deleted then.
+        """
         folders = set()
         for path in paths:
             try:
@@ -118,7 +122,7 @@ class Spool:
                 folders.add(path.parent)
             except FileNotFoundError:
                 pass
-        for folder in folders:
+        for folder in folders if sync else ():
             fsync_dir(folder)
 
     def remove_partials(self) -> int:

@@ -93,6 +93,17 @@ def read_complete(path) -> Dataset:
 
 
 @dataclass
+class Settlement:
+    """What one batch changes in the queue, committed together."""
+    deliveries: list = field(default_factory=list)
+    done: list = field(default_factory=list)
+    retries: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    finished_files: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+
+
+@dataclass
 class Plan:
     """What one job must deliver, or why it cannot be delivered at all."""
     job: Job
@@ -129,6 +140,7 @@ class Worker:
                                                          sop_instance_uid=job.sop_instance_uid):
                 plans.append(self.prepare(job))
         ready = [p for p in plans if p.failure is None and p.transient is None]
+        delivered: list[tuple[int, str, str, str]] = []
         for target in self.targets:
             pending = [(plan, item) for plan in ready
                        for item in plan.items
@@ -143,13 +155,20 @@ class Worker:
             for (plan, item), outcome in zip(pending, outcomes):
                 plan.outcomes.append((target.name, item, outcome))
                 if outcome.delivered:
-                    self.queue.record_delivery(plan.job.id, target.name, item.kind,
-                                               item.sop_instance_uid)
+                    delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))
+        batch = Settlement(deliveries=delivered)
         for plan in plans:
             job = plan.job
             with structlog.contextvars.bound_contextvars(job_id=job.id, association=job.association,
                                                          sop_instance_uid=job.sop_instance_uid):
-                self.settle(plan)
+                self.settle(plan, batch)
+        # one commit for the whole batch, then the files of finished jobs go
+        self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed)
+        for job_id, path in batch.finished_files:
+            self.spool.remove(path, self.spool.derived_path(job_id), sync=False)
+        for event, fields in batch.logs:
+            with structlog.contextvars.bound_contextvars(**fields.pop("context")):
+                getattr(log, fields.pop("level"))(event, **fields)
         return len(jobs)
 
     def prepare(self, job: Job) -> Plan:
@@ -199,8 +218,11 @@ class Worker:
         return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
                     str(head.file_meta.TransferSyntaxUID))
 
-    def settle(self, plan: Plan) -> None:
+    def settle(self, plan: Plan, batch: Settlement) -> None:
+        """Decide the job's fate into `batch`; only failures touch files here (failed/)."""
         job = plan.job
+        context = {"job_id": job.id, "association": job.association,
+                   "sop_instance_uid": job.sop_instance_uid}
         failures = [f"{dest}: {o.detail}" for dest, _, o in plan.outcomes if o.result == "failed"]
         retries = [f"{o.detail}" for _, _, o in plan.outcomes if o.result == "retry"]
         if plan.failure:
@@ -208,26 +230,28 @@ class Worker:
         if plan.transient:
             retries.insert(0, plan.transient)
         if failures:
-            self.hold(job, "; ".join(failures))
+            self.hold(job, "; ".join(failures), batch)
             return
         if retries:
             reason = "; ".join(dict.fromkeys(retries))
             age_hours = (time.time() - job.received_at) / 3600
             if age_hours >= self.config.retry.give_up_hours:
                 self.hold(job, f"gave up after {job.attempts + 1} attempts over {age_hours:.1f} h:"
-                               f" {reason}")
+                               f" {reason}", batch)
                 return
             delay = backoff_seconds(job.attempts + 1, self.config.retry)
-            self.queue.retry(job.id, reason, time.time() + delay)
-            log.warning("will retry", attempt=job.attempts + 1, in_seconds=round(delay, 2),
-                        error=reason)
+            batch.retries.append((job.id, reason, time.time() + delay))
+            batch.logs.append(("will retry", {"level": "warning", "context": context,
+                                              "attempt": job.attempts + 1,
+                                              "in_seconds": round(delay, 2), "error": reason}))
             return
-        self.queue.finish(job.id, plan.note)
-        self.spool.remove(job.path, self.spool.derived_path(job.id))
-        log.info("delivered", items=[i.kind for i in plan.items],
-                 destinations=[t.name for t in self.targets])
+        batch.done.append((job.id, plan.note))
+        batch.finished_files.append((job.id, job.path))
+        batch.logs.append(("delivered", {"level": "info", "context": context,
+                                         "items": [i.kind for i in plan.items],
+                                         "destinations": [t.name for t in self.targets]}))
 
-    def hold(self, job: Job, reason: str) -> None:
+    def hold(self, job: Job, reason: str, batch: Settlement) -> None:
         text = (f"job {job.id}\nSOP Instance UID {job.sop_instance_uid}\n"
                 f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}"
                 f" (association {job.association})\n"
@@ -235,8 +259,11 @@ class Worker:
                 f"reason: {reason}\n")
         held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)
         self.spool.remove(self.spool.derived_path(job.id))
-        self.queue.fail(job.id, reason, held)
-        log.error("failed, held in failed/", path=str(held), reason=reason)
+        batch.failed.append((job.id, reason, held))
+        batch.logs.append(("failed, held in failed/", {
+            "level": "error", "path": str(held), "reason": reason,
+            "context": {"job_id": job.id, "association": job.association,
+                        "sop_instance_uid": job.sop_instance_uid}}))
 
 
 def _load_enhancer(config: Config):
