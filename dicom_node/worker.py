@@ -100,7 +100,7 @@ class Settlement:
     retries: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     finished_files: list = field(default_factory=list)
-    logs: list = field(default_factory=list)
+    logs: list = field(default_factory=list)  # (event, fields): logged once committed
 
 
 @dataclass
@@ -158,10 +158,7 @@ class Worker:
                     delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))
         batch = Settlement(deliveries=delivered)
         for plan in plans:
-            job = plan.job
-            with structlog.contextvars.bound_contextvars(job_id=job.id, association=job.association,
-                                                         sop_instance_uid=job.sop_instance_uid):
-                self.settle(plan, batch)
+            self.settle(plan, batch)
         # one commit for the whole batch, then the files of finished jobs go
         self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed)
         for job_id, path in batch.finished_files:
