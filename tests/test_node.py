@@ -416,3 +416,29 @@ def test_a_second_node_on_a_busy_port_fails_with_one_clear_line(tmp_path, peers,
     assert second.returncode == 2
     assert f"error: cannot listen on 127.0.0.1:{node.port} ([node] host/port)" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_cr_the_model_cannot_enhance_is_forwarded_with_the_reason_recorded(
+        tmp_path, peers, constant_weights):
+    from dicom_node.jobs import JobQueue
+    from tests.helpers import phantom_dataset
+
+    colour = phantom_dataset(rows=64, cols=64, modality="CR")
+    colour.SamplesPerPixel, colour.PhotometricInterpretation, colour.PlanarConfiguration = 3, "RGB", 0
+    colour.BitsAllocated, colour.BitsStored, colour.HighBit = 8, 8, 7
+    colour.PixelData = bytes(range(256)) * (64 * 64 * 3 // 256)
+    colour.save_as(tmp_path / "colour.dcm", enforce_file_format=True)
+    outbox = tmp_path / "outbox"
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(outbox)}]))
+
+    assert storescu([tmp_path / "colour.dcm"], node.port).returncode == 0
+    node.wait_drained(expected_done=1)
+
+    (arrived,) = outbox.rglob("*.dcm")
+    assert pydicom.dcmread(arrived).PixelData == colour.PixelData  # the original, untouched
+    (job,) = JobQueue(node.spool / "queue.sqlite3", readonly=True).jobs("done")
+    assert job.last_error.startswith("not enhanced: Photometric Interpretation RGB")
+    assert any('"not enhanced"' in line and str(colour.SOPInstanceUID) in line
+               for line in node.log.read_text().splitlines())
