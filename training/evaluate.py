@@ -106,7 +106,7 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
             pred = predictor(x)
             z_model = pred.z.cpu().numpy()
             mae = np.abs(pred.maps.cpu().numpy() - maps_gt).mean(axis=(1, 2))
-        z_voi = pred.z_aggregate().cpu().numpy()  # what a viewer shows for the `voi` output
+            z_voi = pred.z_aggregate().cpu().numpy()  # what a viewer shows for the `voi` output
         else:
             with torch.inference_mode():
                 z_model = enhance(model, predictor.pre_process(x)).z[0, 0].cpu().numpy()
