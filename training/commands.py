@@ -53,7 +53,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
 @click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
               help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
 @click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
-@click.option("--map-weights", default="1,1,1,1", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
+@click.option("--map-weights", default="0.05,0.05,0.05,0.05", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
 @click.option("--max-minutes", default=0.0, show_default=True, type=float, help="Stop before passing this wall time (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int)

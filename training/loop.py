@@ -65,7 +65,7 @@ class TrainConfig:
     crop: int = 512  # full-resolution crop side for the image term
     points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
     image_weight: float = 1.0
-    map_weights: tuple = (1.0, 1.0, 1.0, 1.0)  # a, b, wc, ww
+    map_weights: tuple = (0.05, 0.05, 0.05, 0.05)  # a, b, wc, ww (Eqn 1: all 1; see docs/training.md)
     patience: int = 10  # epochs without a better validation loss before stopping
     max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
     seed: int = 0
@@ -74,6 +74,7 @@ class TrainConfig:
     augment: bool = True
     cache: str = ""
     resume: str = ""
+    stop_after_epochs: int = 0  # stop (as if interrupted) once this many epochs are done; 0 = never
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -293,6 +294,9 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             save(out.with_name(out.name + ".last"), val)
             torch.save({"optimizer": optimizer.state_dict(), "state": state, "train_config": asdict(cfg)},
                        out.with_name(out.name + ".train-state"))
+        if cfg.stop_after_epochs and state["epoch"] >= cfg.stop_after_epochs and state["epoch"] < cfg.epochs:
+            log(f"stopping after epoch {state['epoch']} as asked; --resume {out} continues")
+            break
         if state["bad_epochs"] >= cfg.patience:
             log(f"early stop: no better validation loss for {cfg.patience} epochs")
             break
