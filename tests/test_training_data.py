@@ -225,3 +225,14 @@ def test_target_only_rows_are_fitted(tiny_archive, tmp_path):
     z_fit = remap(x, *torch.from_numpy(maps)[:, None, None].unbind(0), downsample=8).z.numpy()
     psnr = -10 * np.log10(np.mean((z_fit - z) ** 2))
     assert psnr > 25, psnr
+
+
+def test_synth_of_one_split_reproduces_those_rows_of_the_full_archive(tmp_path):
+    full = synthesise(tmp_path / "full", n=6, seed=3, perturbations=2, max_size=160)
+    test = synthesise(tmp_path / "test", n=6, seed=3, perturbations=2, max_size=160, only=("test",))
+    names = sorted(p.name for p in (test / "raw").iterdir())
+    assert names and all(n.startswith(("limb", "hand", "chest", "pelvis", "real")) for n in names)
+    for name in names:
+        assert (test / "raw" / name).read_bytes() == (full / "raw" / name).read_bytes()
+    with open(test / "manifest.csv") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"test"}

@@ -76,6 +76,7 @@ def _small(m: np.ndarray) -> np.ndarray:
 @dataclass
 class Anatomy:
     name: str  # group id
+    index: int  # position in the full archive (seeds its acquisitions)
     x: np.ndarray
     mask: np.ndarray
     split: str
@@ -95,34 +96,39 @@ def phantom_size(anatomy: str, rng: np.random.Generator, max_size: int) -> tuple
     return max(32, int(rng.uniform(r0, r1) * f)), max(32, int(rng.uniform(c0, c1) * f))
 
 
-def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True):
-    """Yield the n phantom anatomies (chest, limb, hand, pelvis in turn) then the real ones."""
+def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: tuple | None = None):
+    """Yield the n phantom anatomies (chest, limb, hand, pelvis in turn) then the real ones;
+    with `only`, just those of these splits (the others are skipped, the rest unchanged)."""
     rng = np.random.default_rng([seed, 0])
     splits = assign_splits(n, rng)
     for i in range(n):
         kind = ANATOMIES[i % len(ANATOMIES)]
         rows, cols = phantom_size(kind, rng, max_size)
-        ph = make_phantom(kind, rows, cols, seed=int(rng.integers(2**31)))
-        yield Anatomy(f"{kind}-{i:04d}", ph.x, ph.mask, splits[i])
+        phantom_seed = int(rng.integers(2**31))
+        if only and splits[i] not in only:
+            continue
+        ph = make_phantom(kind, rows, cols, seed=phantom_seed)
+        yield Anatomy(f"{kind}-{i:04d}", i, ph.x, ph.mask, splits[i])
     if real:
         from pydicom.data import get_testdata_file
 
         from dicom_node.reader import load_dataset, read_radiograph
 
-        for name, split in REAL_RADIOGRAPHS.items():
+        for j, (name, split) in enumerate(REAL_RADIOGRAPHS.items()):
             path = get_testdata_file(name)
-            if path is None:
+            if path is None or (only and split not in only):
                 continue
             x = read_radiograph(load_dataset(path))
             if max(x.shape) > max_size:  # tests ask for small archives
                 f = int(np.ceil(max(x.shape) / max_size))
                 x = downsample_image(torch.from_numpy(x), f)[0, 0].numpy()
-            yield Anatomy(f"real-{Path(name).stem.lower()}", x, find_anatomy_mask(x), split)
+            yield Anatomy(f"real-{Path(name).stem.lower()}", n + j, x, find_anatomy_mask(x), split)
 
 
 def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, max_size: int = 4096,
-               real: bool = True, make_zip: bool = False, progress=None) -> Path:
-    """Write the archive; returns the folder (or the .zip when make_zip)."""
+               real: bool = True, make_zip: bool = False, progress=None, only: tuple | None = None) -> Path:
+    """Write the archive; returns the folder (or the .zip when make_zip). `only` restricts it to
+    the rows of some splits (e.g. a fresh test split), each row identical to the full archive's."""
     out = Path(out)
     if out.suffix == ".zip":
         make_zip, folder = True, out.with_suffix("")
@@ -131,9 +137,9 @@ def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, ma
     (folder / "raw").mkdir(parents=True, exist_ok=True)
     (folder / "params").mkdir(parents=True, exist_ok=True)
     rows = []
-    for anatomy in anatomies(n, seed, max_size, real):
+    for anatomy in anatomies(n, seed, max_size, real, only):
         maps = teacher(anatomy.x, anatomy.mask)
-        rng = np.random.default_rng([seed, 1, sum(map(ord, anatomy.name)), len(rows)])
+        rng = np.random.default_rng([seed, 1, sum(map(ord, anatomy.name)), anatomy.index * perturbations])
         for k in range(perturbations):
             pert = random_perturbation(anatomy.x, rng)
             xp = pert.apply(anatomy.x)
