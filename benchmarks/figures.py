@@ -31,22 +31,25 @@ def _display(img: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
 def detail_crop(gt: np.ndarray, mask: np.ndarray | None = None, fraction: float = 0.2) -> tuple[slice, slice]:
     """The square crop (side `fraction` of the shorter side) with the most fine detail in gt.
 
-    Detail is the local energy of the Laplacian of Gaussian, so the crop lands on bone edges
-    and trabecular texture rather than on smooth soft tissue; it must lie inside the anatomy.
+    Detail is the local energy of the Gaussian gradient (sigma 2 px of a copy reduced so the crop
+    is ~32 px wide: structure edges, not pixel noise), so the crop lands on bone edges rather
+    than on smooth soft tissue; with a mask it must lie inside the anatomy.
     """
     side = max(16, int(min(gt.shape) * fraction))
     f = max(1, side // 32)  # search on a reduced copy: the crop is large
     small = gt[: gt.shape[0] // f * f, : gt.shape[1] // f * f]
     small = small.reshape(small.shape[0] // f, f, small.shape[1] // f, f).mean(axis=(1, 3))
-    energy = ndimage.gaussian_laplace(small.astype(np.float64), 1.0) ** 2
-    k = side // f
+    energy = ndimage.gaussian_gradient_magnitude(small.astype(np.float64), 2.0) ** 2
+    k = max(3, (side // f) | 1)  # odd: the filters below are centred exactly on a pixel
+    side = k * f
     score = ndimage.uniform_filter(energy, k, mode="constant")
     if mask is not None:
         m = mask[: small.shape[0] * f, : small.shape[1] * f].reshape(small.shape[0], f, small.shape[1], f).mean(axis=(1, 3))
-        score = np.where(ndimage.uniform_filter(m, k, mode="constant") > 0.95, score, -1.0)
+        inside = ndimage.binary_erosion(m > 0.5, iterations=6)  # clear of the edges' gradient (3 sigma)
+        score = np.where(ndimage.uniform_filter(inside.astype(np.float64), k, mode="constant") > 0.995, score, -1.0)
     half = k // 2
     valid = np.full(score.shape, -np.inf)
-    valid[half : score.shape[0] - (k - half) + 1, half : score.shape[1] - (k - half) + 1] = 0.0
+    valid[half : score.shape[0] - half, half : score.shape[1] - half] = 0.0
     cy, cx = np.unravel_index(np.argmax(score + valid), score.shape)
     top, left = (cy - half) * f, (cx - half) * f
     return slice(top, top + side), slice(left, left + side)

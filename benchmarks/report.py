@@ -103,7 +103,7 @@ def render_table(rows: list[Row], meta: dict) -> str:
     gpu = meta.get("gpu")
     lines = [f"# Table 1 — {meta.get('mode', '?')} mode", ""]
     if meta.get("mode") == "quick":
-        lines += ["> **Quick-mode numbers** (CI smoke run: tiny archive, a few hundred training steps). "
+        lines += ["> **Quick-mode numbers** (CI smoke run: tiny archive, short training). "
                   "They show that every row is produced and scored by the same code; they are not the "
                   "converged comparison. The full run's command is in docs/table1.md.", ""]
     lines += [f"Command: `{meta.get('command', '')}`  ", f"Data: {meta.get('archive', '')}  ",
