@@ -20,7 +20,9 @@ import click
 @click.option("--max-size", default=4096, show_default=True, type=click.IntRange(64, 4096),
               help="Scale the phantom sizes (1000–4096 px by default) so the longest side is at most this.")
 @click.option("--real/--no-real", default=True, show_default=True, help="Include the pydicom-data radiographs.")
-def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
+@click.option("--only-split", "only", multiple=True, type=click.Choice(["train", "val", "test"]),
+              help="Write only the rows of this split (repeatable); they are identical to the full archive's.")
+def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
     """Write a synthetic annotated archive (phantoms + real radiographs, exact ground truth)."""
     from training.synth import synthesise
 
@@ -30,7 +32,8 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real):
         count[0] += 1
         click.echo(f"\r{count[0]} images ({rid})", nl=False, err=True)
 
-    path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress)
+    path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress,
+                      only=tuple(only) or None)
     click.echo("", err=True)
     click.echo(f"wrote {count[0]} acquisitions to {path}")
 
