@@ -200,7 +200,7 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
     for point, colour in zip(points, POINT_COLOURS):
         xs, zs = lut_curve(point.a, point.b, point.wc, point.ww)
         curves.plot(xs, zs, color=colour, label=f"{point.label} ({point.row}, {point.col})")
-        curves.plot(point.x, point.z, "o", color=colour)
+        curves.plot(point.x, point.z, "o", color=colour, markeredgecolor="black", markersize=8, zorder=5)
     curves.plot([0, 1], [0, 1], ":", color="grey", linewidth=1, label="identity")
     curves.set(xlim=(0, 1), ylim=(0, 1), xlabel="input x (normalised, higher = brighter)", ylabel="displayed z",
                title="per-pixel LUT at the marked points\n(dot: the pixel's own x)")
