@@ -62,3 +62,23 @@ def test_bundled_model_meets_its_floor_on_a_fresh_test_split(fresh_test_split, t
     assert model["ssim"] > 0.97, result.table()
     assert model["psnr"] > a["psnr"] + 3 and model["psnr"] > b["psnr"] + 3, result.table()
     assert model["consistency"] < a["consistency"] and model["consistency"] < b["consistency"], result.table()
+
+
+def test_synth_train_evaluate_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from dicom_node.cli import main
+
+    runner = CliRunner()
+    arch, weights = tmp_path / "arch", tmp_path / "w.pt"
+    r = runner.invoke(main, ["synth", "--out", str(arch), "--n", "4", "--seed", "3", "--perturbations", "2",
+                             "--max-size", "320", "--no-real"])
+    assert r.exit_code == 0, r.output
+    assert (arch / "manifest.csv").is_file()
+    r = runner.invoke(main, ["train", "--archive", str(arch), "--out", str(weights), "--epochs", "2", "--width", "4", "--downsample", "4",
+                             "--crop", "64", "--threads", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "epoch   2" in r.output and weights.is_file()
+    r = runner.invoke(main, ["evaluate", "--archive", str(arch), "--weights", str(weights), "--csv", str(tmp_path / "e.csv")])
+    assert r.exit_code == 0, r.output
+    assert "B: teacher on input" in r.output and (tmp_path / "e.csv").is_file()
