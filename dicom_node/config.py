@@ -40,6 +40,7 @@ class ModelSettings:
     mode: str = "voi"
     enhance: tuple[str, ...] = ("CR", "DX")
     forward_original: bool = True
+    parametric_map: bool = False  # also send the maps a, b, wc, ww as a DICOM Parametric Map
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     spool = SpoolSettings(dir=s.path("dir", "var/spool", base))
 
     s = _Section(source, "model", raw.get("model", {}),
-                 {"weights", "device", "mode", "enhance", "forward_original"})
+                 {"weights", "device", "mode", "enhance", "forward_original", "parametric_map"})
     device = s.string("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()):
@@ -233,6 +234,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         mode=s.string("mode", "voi", ("voi", "burn-in")),
         enhance=_enhance_entries(s),
         forward_original=s.boolean("forward_original", True),
+        parametric_map=s.boolean("parametric_map", False),
     )
 
     s = _Section(source, "retry", raw.get("retry", {}),

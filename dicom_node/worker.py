@@ -162,7 +162,7 @@ class Worker:
         # one commit for the whole batch, then the files of finished jobs go
         self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed)
         for job_id, path in batch.finished_files:
-            self.spool.remove(path, self.spool.derived_path(job_id), sync=False)
+            self.spool.remove(path, self.spool.derived_path(job_id), self.maps_path(job_id), sync=False)
         for event, fields in batch.logs:
             with structlog.contextvars.bound_contextvars(**fields.pop("context")):
                 getattr(log, fields.pop("level"))(event, **fields)
@@ -193,6 +193,8 @@ class Worker:
                     return plan
         if derived is not None:
             plan.items.append(derived)
+            if self.config.model.parametric_map:
+                plan.items.append(self.maps_item(job))
             if self.config.model.forward_original:
                 plan.items.append(original)
         elif plan.note and not self.config.model.forward_original:
@@ -202,17 +204,36 @@ class Worker:
         return plan
 
     def derive(self, job: Job, ds: Dataset) -> Item:
-        """The derived instance, made once per job and kept in the spool across retries."""
+        """The derived instance, made once per job and kept in the spool across retries (with
+        its Parametric Map when [model] parametric_map is on: written first, so a derived file
+        in the spool means both are there)."""
         path = self.spool.derived_path(job.id)
-        if path.exists():
+        wants_maps = self.config.model.parametric_map
+        if path.exists() and not (wants_maps and not self.maps_path(job.id).exists()):
             head = dcmread(path, stop_before_pixels=True)
         else:
             started = time.perf_counter()
-            head = self.enhancer.enhance(ds)
+            if wants_maps:
+                head, prediction = self.enhancer.enhance_with_prediction(ds)
+                maps = self.enhancer.parametric_map(ds, prediction)
+                write_atomic(self.maps_path(job.id), lambda f: maps.save_as(f, enforce_file_format=True))
+            else:
+                head = self.enhancer.enhance(ds)
             write_atomic(path, lambda f: head.save_as(f, enforce_file_format=True))
             log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
                      seconds=round(time.perf_counter() - started, 3))
         return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
+                    str(head.file_meta.TransferSyntaxUID))
+
+    def maps_path(self, job_id: int):
+        """The job's Parametric Map in the spool, beside its derived instance."""
+        derived = self.spool.derived_path(job_id)
+        return derived.with_name(f"{derived.stem}.maps.dcm")
+
+    def maps_item(self, job: Job) -> Item:
+        path = self.maps_path(job.id)
+        head = dcmread(path, stop_before_pixels=True)
+        return Item("parametric-map", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
                     str(head.file_meta.TransferSyntaxUID))
 
     def settle(self, plan: Plan, batch: Settlement) -> None:
@@ -255,7 +276,7 @@ class Worker:
                 f"received {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(job.received_at))}\n"
                 f"reason: {reason}\n")
         held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)
-        self.spool.remove(self.spool.derived_path(job.id))
+        self.spool.remove(self.spool.derived_path(job.id), self.maps_path(job.id))
         batch.failed.append((job.id, reason, held))
         batch.logs.append(("failed, held in failed/", {
             "level": "error", "path": str(held), "reason": reason,
