@@ -56,14 +56,19 @@ def detail_crop(gt: np.ndarray, mask: np.ndarray | None = None, fraction: float 
 
 
 def figure3(path: str | Path, gt: np.ndarray, outputs: dict[str, np.ndarray], mask: np.ndarray | None = None,
-            scores: dict[str, str] | None = None, title: str = "") -> tuple[slice, slice]:
-    """GT and each method's output (top row) and the same detail crop enlarged (bottom row)."""
+            scores: dict[str, str] | None = None, title: str = "", per_row: int = 6) -> tuple[slice, slice]:
+    """GT and each method's output, each above the same detail crop enlarged; `per_row` panels a row."""
     panels = {"GT": gt, **outputs}
     crop = detail_crop(gt, mask)
-    n = len(panels)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 5.0), squeeze=False)
-    for j, (name, img) in enumerate(panels.items()):
-        top, bottom = axes[0, j], axes[1, j]
+    names = list(panels)
+    n_cols = min(per_row, len(names))
+    bands = -(-len(names) // n_cols)
+    fig, axes = plt.subplots(2 * bands, n_cols, figsize=(2.3 * n_cols, 4.9 * bands + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, name in enumerate(names):
+        img = panels[name]
+        top, bottom = axes[2 * (j // n_cols), j % n_cols], axes[2 * (j // n_cols) + 1, j % n_cols]
         top.imshow(_display(img), cmap="gray", vmin=0, vmax=1, interpolation="lanczos")
         f = max(1, int(np.ceil(max(img.shape) / DISPLAY_SIZE)))
         ys, xs = crop
@@ -72,13 +77,14 @@ def figure3(path: str | Path, gt: np.ndarray, outputs: dict[str, np.ndarray], ma
         top.set_title(name if not scores or name not in scores else f"{name}\n{scores[name]}", fontsize=7)
         bottom.imshow(img[crop], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         for ax in (top, bottom):
+            ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return crop
 
@@ -106,5 +112,5 @@ def figure4(path: str | Path, rows: dict[str, list[np.ndarray]], column_titles: 
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,7 +13,7 @@ Steps, all from one seed:
   3. evaluate every row on the same test split with the same metric code (training.evaluate):
               PSNR, SSIM, map MAE (models with maps), consistency; the classical rows
               (percentile window, teacher on input, CLAHE) are references of the same evaluation.
-  4. time     seconds per image on one 2500x2000 image (median after a warm-up), on this CPU
+  4. time     seconds per image on one 2500x2000 image (best of N after a warm-up), on this CPU
               and on CUDA when present.
   5. write    <out>/table1.md (our numbers, the paper's beside them, the issue's targets
               checked), <out>/table1.json (everything measured), <out>/fig3.png, <out>/fig4.png.
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from benchmarks.report import METHODS, Row, render_table
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
 from training.baselines import baseline_config, clahe, enhance, parameter_count, produces_maps
-from training.evaluate import evaluate, percentile_window, teacher_on_input
+from training.evaluate import evaluate, fidelity, percentile_window, teacher_on_input
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSICAL = {"percentile-window": percentile_window, "teacher-on-input": teacher_on_input, "clahe": clahe}
@@ -86,13 +85,15 @@ class Mode:
     patience: int | None = None
     timing_repeats: int = 5
     timing_shape: tuple = (2500, 2000)
+    threads: int = 0  # torch threads when --threads is not given (0: all cores)
 
 
 FULL = Mode("full", anatomies=40, perturbations=4, max_size=4096, real=True)
 # Quick (CI smoke, <= 10 min on 2 cores): images <= 640 px, so the ResUNets have 4 levels (the
-# /16 model must still see >= 9 low-res pixels), width 16, 12 epochs of 18 training images.
-QUICK = Mode("quick", anatomies=10, perturbations=3, max_size=640, real=False, epochs=12, width=16, crop=192,
-             levels=4, batch=4, lr=2e-3, patience=100, timing_repeats=2)
+# /16 model must still see >= 9 low-res pixels), width 16, 60 epochs of 18 training images, one
+# torch thread (~3 min from scratch on this 2-core machine; two threads thrash when another job runs).
+QUICK = Mode("quick", anatomies=10, perturbations=3, max_size=640, real=False, epochs=60, width=16, crop=192,
+             levels=4, batch=2, lr=1e-3, patience=100, timing_repeats=3, threads=1)
 
 
 @dataclass
@@ -173,7 +174,8 @@ def train_step(run: Run, spec: Learned) -> Path:
 
 
 def time_call(fn, repeats: int, sync=None) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up run."""
+    """Best (minimum) seconds of fn() over `repeats` runs after one warm-up run: on a shared
+    machine the minimum is the run least disturbed by other processes."""
     fn()
     if sync:
         sync()
@@ -184,7 +186,7 @@ def time_call(fn, repeats: int, sync=None) -> float:
         if sync:
             sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def timing_image(shape) -> np.ndarray:
@@ -250,7 +252,6 @@ def figures_step(run: Run, checkpoints: dict[str, Path], rows: list[Row]) -> Non
     prefer = sorted(groups, key=lambda g: (not g.startswith(("hand", "limb")), not g.startswith("real"), g))
     masks = {a.name: a.mask for a in anatomies(run.mode.anatomies, run.seed, run.mode.max_size, real=False)}
     models = {key: load_checkpoint(path).model for key, path in checkpoints.items()}
-    scores = {METHODS.get(r.key, r.key): f"{r.psnr:.2f} dB / {r.ssim:.3f}" for r in rows}
 
     def output(key: str, x: np.ndarray) -> np.ndarray:
         if key in CLASSICAL:
@@ -262,9 +263,11 @@ def figures_step(run: Run, checkpoints: dict[str, Path], rows: list[Row]) -> Non
     x, gt = np.asarray(item.x, dtype=np.float32), np.asarray(item.z, dtype=np.float32)
     keys = [k for k in METHODS if k in models or (k in CLASSICAL and any(r.key == k for r in rows))]
     outputs = {METHODS[k]: output(k, x) for k in keys}
+    scores = {name: "{:.2f} dB / SSIM {:.3f}".format(*fidelity(z, gt)) for name, z in outputs.items()}
     mask = masks.get(item.group)
     figure3(run.out / "fig3.png", gt, outputs, mask=mask, scores=scores,
-            title=f"Figure 3 ({run.mode.name} mode): test image {item.id}; bottom row: the detail crop (yellow box), enlarged")
+            title=f"Figure 3 ({run.mode.name} mode): test image {item.id}, PSNR / SSIM of this image; "
+                  "under each image the detail crop (yellow box), enlarged")
 
     multi = [g for g in prefer if len(groups[g]) >= 2][:2]
     acquisitions = [it for g in multi for it in groups[g][:3]]
@@ -331,7 +334,7 @@ def run_all(run: Run, command: str) -> str:
                      f"crop {tc.crop} + {tc.points} scattered pixels, map-term weights {tuple(tc.map_weights)} "
                      f"(models with maps), augmentation on, seed {run.seed}, width {m.width}, ResUNet levels {m.levels}, "
                      f"device {run.device}"),
-        "cpu": f"s/img on one {m.timing_shape[0]}x{m.timing_shape[1]} image, median of {m.timing_repeats} after a "
+        "cpu": f"s/img on one {m.timing_shape[0]}x{m.timing_shape[1]} image, best of {m.timing_repeats} after a "
                f"warm-up, {cpu_description()}",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "consistency": CONSISTENCY_LEGEND,
@@ -356,7 +359,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="Archive, cache, checkpoints (default var/table1-<mode>).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="Training/evaluation device: auto | cpu | cuda | cuda:N.")
-    parser.add_argument("--threads", type=int, default=0, help="Torch threads (0: all cores).")
+    parser.add_argument("--threads", type=int, default=0, help="Torch threads (default: 1 with --quick, else all cores).")
     parser.add_argument("--epochs", type=int, default=None, help="Override the mode's epochs (same for every row).")
     parser.add_argument("--only", nargs="*", default=(), choices=list(METHODS), metavar="ROW",
                         help=f"Only these rows ({', '.join(METHODS)}).")
@@ -369,9 +372,10 @@ def main(argv=None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out
     work = args.work or (REPO / "var" / f"table1-{mode.name}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = Run(mode=mode, out=out, work=work, seed=args.seed, device=device, threads=args.threads, only=tuple(args.only))
+    threads = args.threads or mode.threads
+    if threads:
+        torch.set_num_threads(threads)
+    run = Run(mode=mode, out=out, work=work, seed=args.seed, device=device, threads=threads, only=tuple(args.only))
     command = "python -m benchmarks.table1" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     print(run_all(run, command))
 

@@ -67,7 +67,7 @@ def test_quick_table_generator_writes_every_row_and_both_figures(tmp_path):
     assert len(learned_rows(TINY.width, TINY.levels)) == 7
     for name in ("fig3.png", "fig4.png", "table1.json"):
         assert (run.out / name).stat().st_size > 1000
-    assert imread(run.out / "fig3.png").shape[1] > imread(run.out / "fig3.png").shape[0]  # 11 panels wide
+    assert imread(run.out / "fig3.png").shape[1] > imread(run.out / "fig3.png").shape[0]  # two bands of six panels, wider than tall
     assert "Targets (issue 6)" in table and "Quick-mode numbers" in table
     # the checkpoints are reused by a second run with the same settings (an interrupted full run resumes)
     logs = []
