@@ -147,8 +147,11 @@ class InterpretableResUNet(nn.Module):
             hw = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
             work = F.interpolate(x, size=hw, mode="area")
         h1, w1 = work.shape[-2:]
+        # Pad to a multiple of 2**(levels-1), and to at least two pixels at the bottom level:
+        # InstanceNorm cannot normalise a 1x1 map, which tiny or very thin inputs would reach.
         m = self.multiple
-        padded = F.pad(work, (0, (-w1) % m, 0, (-h1) % m), mode="replicate")
+        pad_h, pad_w = max((-h1) % m, 2 * m - h1), max((-w1) % m, 2 * m - w1)
+        padded = F.pad(work, (0, pad_w, 0, pad_h), mode="replicate")
         raw = self.head(self.features(padded, stats))[..., :h1, :w1]
         if (h1, w1) != (h0, w0):
             raw = F.interpolate(raw, size=(h0, w0), mode="bilinear", align_corners=False)
