@@ -45,7 +45,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda | cuda:N")
 @click.option("--resume", default=None, type=click.Path(), help="Continue the run whose best checkpoint is W.")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
 @click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
@@ -67,8 +67,10 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
                   patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
+    from model.predictor import resolve_device
     from training.loop import TrainConfig, train
 
+    device = _device(device, resolve_device)
     weights = tuple(float(v) for v in map_weights.split(","))
     if len(weights) != 4:
         raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
@@ -84,12 +86,14 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
 @click.option("--weights", required=True, type=click.Path(), help="Checkpoint to evaluate.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--csv", "csv_path", default=None, type=click.Path(), help="Per-image results as CSV.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda | cuda:N")
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
 def evaluate_command(archive, weights, split, csv_path, device, cache):
     """PSNR/SSIM/map MAE/consistency of a model vs references (A) percentile window and (B) teacher."""
+    from model.predictor import resolve_device
     from training.evaluate import evaluate
 
+    device = _device(device, resolve_device)
     result = evaluate(archive, weights, split=split, device=device, csv_path=csv_path, cache=cache or None,
                       progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True))
     click.echo("", err=True)
@@ -102,3 +106,11 @@ def evaluate_command(archive, weights, split, csv_path, device, cache):
     click.echo(f"model PSNR of the voi presentation (y under its one aggregate window): {m['psnr_voi']:.2f} dB")
     if csv_path:
         click.echo(f"per-image results: {csv_path}")
+
+
+def _device(name: str, resolve) -> str:
+    """auto/cpu/cuda[:N] as the concrete device string, or a usage error naming the option."""
+    try:
+        return str(resolve(name))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
