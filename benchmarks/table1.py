@@ -361,12 +361,15 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="Training/evaluation device: auto | cpu | cuda | cuda:N.")
     parser.add_argument("--threads", type=int, default=0, help="Torch threads (default: 1 with --quick, else all cores).")
     parser.add_argument("--epochs", type=int, default=None, help="Override the mode's epochs (same for every row).")
+    parser.add_argument("--anatomies", type=int, default=None, help="Override the mode's number of synthetic anatomies.")
     parser.add_argument("--only", nargs="*", default=(), choices=list(METHODS), metavar="ROW",
                         help=f"Only these rows ({', '.join(METHODS)}).")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     if args.epochs:
         mode = replace(mode, epochs=args.epochs)
+    if args.anatomies:
+        mode = replace(mode, anatomies=args.anatomies)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
