@@ -80,12 +80,7 @@ def figure3(path: str | Path, gt: np.ndarray, outputs: dict[str, np.ndarray], ma
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
     return crop
 
 
@@ -108,6 +103,11 @@ def figure4(path: str | Path, rows: dict[str, list[np.ndarray]], column_titles: 
             if j == 0:
                 note = (row_notes or {}).get(name, "")
                 ax.set_ylabel(f"{name}\n{note}" if note else name, fontsize=7)
+    _save(fig, path, title)
+
+
+def _save(fig, path: str | Path, title: str) -> None:
+    """Title, tight layout, write the PNG (making its folder) and free the figure."""
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,13 +36,6 @@ def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-@pytest.fixture
-def peers():
-    """Collects started nodes/Orthancs and stops them all at the end of the test."""
-    started = []
-    yield started
-    for peer in reversed(started):
-        peer.stop()
 
 
 def start(peers, peer):

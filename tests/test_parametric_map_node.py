@@ -17,12 +17,6 @@ from tests.helpers import make_seeded_checkpoint, testdata
 from tests.node_peers import NodeProcess, Orthanc, storescu, wait_until
 
 
-@pytest.fixture
-def peers():
-    started = []
-    yield started
-    for peer in reversed(started):
-        peer.stop()
 
 
 def _with_parametric_map(node: NodeProcess) -> NodeProcess:
