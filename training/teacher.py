@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from model.remap import downsample_image, remap, upsample_maps
+from model.remap import downsample_image, regional_lut, remap, upsample_maps
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def teacher(x: np.ndarray, mask: np.ndarray, params: TeacherParams = TeacherPara
     g, k = params.gain, params.compression
     a = np.full(x.shape, g, dtype=np.float32)
     b = ((1.0 - g) * L - k * (L - mean_L)).astype(np.float32)
-    y = np.clip(a * x + b, 0.0, 1.0)
+    y = regional_lut(torch.from_numpy(x), torch.from_numpy(a), torch.from_numpy(b)).numpy()  # the one formula
     sample = y[mask]
     if sample.size > 400_000:
         sample = sample[:: sample.size // 400_000 + 1]
