@@ -191,7 +191,7 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source.name}: not valid TOML: {exc}") from None
     return parse_config(raw, source)
 

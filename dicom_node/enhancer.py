@@ -5,10 +5,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from dicom_node.errors import UnsupportedImage
 from dicom_node.reader import read_radiograph
 from dicom_node.writer import MODES, ModelStamp, derive_instance
 from model.predictor import Prediction, Predictor
 
+
+#: What a derived instance (and its Parametric Map) is built from and points back to.
+SOURCE_IDENTITY = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 class Enhancer:
     """Loads the model once (lazily) and enhances one dataset at a time."""
@@ -30,6 +34,9 @@ class Enhancer:
     def enhance_with_prediction(self, ds: Dataset) -> tuple[Dataset, Prediction]:
         """The derived instance and the Prediction it was written from (its maps feed the
         Parametric Map, `parametric_map(ds, prediction)`)."""
+        missing = [k for k in SOURCE_IDENTITY if not ds.get(k)]
+        if missing:
+            raise UnsupportedImage(f"no {', '.join(missing)}: a derived instance must reference its source")
         x = read_radiograph(ds)
         burn_in = self.mode == "burn-in"
         prediction = self.predictor(x, want_z=burn_in)

@@ -185,7 +185,11 @@ class DicomTarget:
             else:
                 return Outcome("failed", f"{self.where} accepted no transfer syntax for "
                                          f"{UID(item.sop_class_uid).name}")
-        except (OSError, ValueError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        except OSError as exc:  # reading the spool file or the socket: may pass
+            return Outcome("retry", f"cannot send to {self.where}: {exc}")
+        except (ValueError, AttributeError, RuntimeError, NotImplementedError) as exc:
+            if not assoc.is_established:  # the peer went away between the check and the send
+                return Outcome("retry", f"association with {self.where} lost: {exc}")
             return Outcome("failed", f"cannot send to {self.where}: {exc}")
         finally:
             _config.STORE_SEND_CHUNKED_DATASET = False

@@ -75,7 +75,7 @@ class StoreHandler:
         sop_uid = str(request.AffectedSOPInstanceUID)
         association = association_label(event.assoc)
         with structlog.contextvars.bound_contextvars(association=association, sop_instance_uid=sop_uid):
-            path = None
+            path = job_id = None
             try:
                 data = _file_writer(event)
                 # file: tmp + fsync + rename; job: SQLite commit (fsync); then the folder
@@ -87,11 +87,11 @@ class StoreHandler:
                 self.spool.sync_incoming()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
-                self._discard(path)
+                self._discard_uncommitted(path, job_id)
                 return OUT_OF_RESOURCES
             except Exception as exc:  # never raise into the association
                 log.exception("not stored, answered cannot understand", error=repr(exc))
-                self._discard(path)
+                self._discard_uncommitted(path, job_id)
                 return CANNOT_UNDERSTAND
             if superseded:
                 self._discard(*superseded)
@@ -100,6 +100,11 @@ class StoreHandler:
                      sop_class_uid=str(request.AffectedSOPClassUID))
             self.on_stored()
             return SUCCESS
+
+    def _discard_uncommitted(self, path, job_id) -> None:
+        """A file whose job is committed stays: the worker delivers it even if we said failure."""
+        if job_id is None:
+            self._discard(path)
 
     def _discard(self, *paths) -> None:
         try:

@@ -42,6 +42,8 @@ BATCH_SIZE = 16
 PREPARE_BUDGET_SECONDS = 2.0
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
+#: Tries of the model on one image before its original is forwarded without enhancement.
+ENHANCE_ATTEMPTS = 3
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -187,10 +189,12 @@ class Worker:
                 except UnsupportedImage as exc:
                     plan.note = f"not enhanced: {exc}"
                     log.warning("not enhanced", reason=str(exc))
-                except Exception as exc:
+                except Exception as exc:  # a model/runtime error: retry, but never hold the original forever
                     log.exception("enhancement failed")
-                    plan.transient = f"enhancement failed: {exc!r}"
-                    return plan
+                    if job.attempts + 1 < ENHANCE_ATTEMPTS:
+                        plan.transient = f"enhancement failed: {exc!r}"
+                        return plan
+                    plan.note = f"not enhanced after {ENHANCE_ATTEMPTS} attempts: {exc!r}"
         if derived is not None:
             plan.items.append(derived)
             if self.config.model.parametric_map:
@@ -319,7 +323,13 @@ def main(config_path: str, stop, wake) -> None:
             log.error("node process is gone, worker stops")
             break
         wake.clear()  # a job stored from now on wakes the wait below
-        if worker.run_once(stop):
+        try:
+            if worker.run_once(stop):
+                continue
+        except Exception:  # e.g. disk full while settling: keep the jobs, try again shortly
+            log.exception("batch failed, its jobs go back to the queue")
+            worker.queue.resume()
+            stop.wait(1.0)
             continue
         due = worker.queue.next_due()
         wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))

@@ -57,3 +57,14 @@ def test_a_corrupt_checkpoint_is_one_line_not_a_traceback(tmp_path):
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
     assert process.stderr.strip().startswith("error: model weights") and "bad.pt" in process.stderr
+
+
+def test_a_source_without_study_identity_is_reported_not_a_traceback(tmp_path, constant_weights):
+    orphan = phantom_dataset(300, 240)
+    del orphan.StudyInstanceUID
+    orphan.save_as(tmp_path / "orphan.dcm", enforce_file_format=True)
+    result = CliRunner().invoke(main, ["enhance", str(tmp_path / "orphan.dcm"), str(testdata("RG3_UNCR.dcm")),
+                                       "--out", str(tmp_path / "out"), "--weights", str(constant_weights)])
+    assert result.exit_code == 1
+    assert "orphan.dcm: no StudyInstanceUID" in result.output.replace("skipped ", "").replace(str(tmp_path) + "/", "")
+    assert "1 enhanced, 1 failed" in result.output

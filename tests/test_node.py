@@ -434,3 +434,26 @@ def test_a_cr_the_model_cannot_enhance_is_forwarded_with_the_reason_recorded(
     assert job.last_error.startswith("not enhanced: Photometric Interpretation RGB")
     assert any('"not enhanced"' in line and str(colour.SOPInstanceUID) in line
                for line in node.log.read_text().splitlines())
+
+
+def test_a_model_that_keeps_failing_does_not_hold_the_original_back(tmp_path, peers):
+    """A corrupt checkpoint fails every enhancement: after a few tries the original goes on."""
+    from dicom_node.jobs import JobQueue
+    from dicom_node.worker import ENHANCE_ATTEMPTS
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    outbox = tmp_path / "outbox"
+    node = start(peers, NodeProcess(tmp_path / "node", corrupt,
+                                    [{"name": "archive", "type": "folder", "path": str(outbox)}],
+                                    retry=(0.1, 0.2)))
+
+    assert storescu([sample("RG3_UNCR.dcm")], node.port).returncode == 0
+    node.wait_drained(expected_done=1)
+
+    (arrived,) = outbox.rglob("*.dcm")
+    assert uid_of(arrived) == uid_of(sample("RG3_UNCR.dcm"))  # the original, not a derived one
+    (job,) = JobQueue(node.spool / "queue.sqlite3", readonly=True).jobs("done")
+    assert job.attempts == ENHANCE_ATTEMPTS
+    assert f"not enhanced after {ENHANCE_ATTEMPTS} attempts" in job.last_error
+    assert "corrupt.pt" in job.last_error

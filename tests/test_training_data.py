@@ -269,3 +269,10 @@ def test_synth_zip_is_a_readable_archive(tmp_path):
     assert zpath.suffix == ".zip" and zipfile.is_zipfile(zpath)
     items = Archive(zpath, 8, cache=tmp_path / "c").items()
     assert len(items) == 4 and items[0].z.shape == items[0].x.shape
+
+
+def test_an_archive_that_is_neither_folder_nor_zip_is_named(tmp_path):
+    not_zip = tmp_path / "manifest.csv"
+    not_zip.write_text("id,raw,target,params,split\n")
+    with pytest.raises(ArchiveError, match="not a folder or a .zip file"):
+        Archive(not_zip)

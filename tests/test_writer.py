@@ -86,7 +86,7 @@ def test_burn_in_mode_stores_z_with_a_full_range_linear_window(weights, chest, t
 
 
 def test_dcmtk_renders_the_output(weights, chest, tmp_path):
-    if shutil.which("dcmj2pnm") is None:
+    if shutil.which("dcmj2pnm") is None and not os.environ.get("CI"):
         pytest.skip("DCMTK not installed (.ci/run installs it)")
     Enhancer(weights, "cpu", "voi").enhance(chest).save_as(tmp_path / "out.dcm", enforce_file_format=True)
     result = subprocess.run(["dcmj2pnm", "+Wi", "1", "+on", str(tmp_path / "out.dcm"), str(tmp_path / "out.png")],
@@ -104,7 +104,7 @@ def _dciodvfy_errors(path) -> set[str]:
 @pytest.mark.parametrize("source_name", ["RG1_UNCR.dcm", "RG3_J2KR.dcm", "phantom-DX", "phantom-CR-MONOCHROME1"])
 @pytest.mark.parametrize("mode", ["voi", "burn-in"])
 def test_dciodvfy_finds_no_error_the_source_did_not_have(weights, tmp_path, source_name, mode):
-    if shutil.which("dciodvfy") is None:
+    if shutil.which("dciodvfy") is None and not os.environ.get("CI"):
         pytest.skip("dicom3tools not installed (.ci/run installs it)")
     if source_name.startswith("phantom"):
         _, modality, *photometric = source_name.split("-")

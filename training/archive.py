@@ -61,7 +61,10 @@ class Source:
 
     def __init__(self, path: Path):
         self.path = path
-        self.zip = zipfile.ZipFile(path) if path.is_file() else None
+        try:
+            self.zip = zipfile.ZipFile(path) if path.is_file() else None
+        except zipfile.BadZipFile:
+            raise ArchiveError(f"archive {path}: not a folder or a .zip file") from None
         if self.zip is None and not path.is_dir():
             raise ArchiveError(f"archive {path}: no such folder or .zip file")
         if self.zip is not None:

@@ -71,7 +71,10 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
     from training.loop import TrainConfig, train
 
     device = _device(device, resolve_device)
-    weights = tuple(float(v) for v in map_weights.split(","))
+    try:
+        weights = tuple(float(v) for v in map_weights.split(","))
+    except ValueError:
+        weights = ()
     if len(weights) != 4:
         raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
     cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, work_size=work_size, epochs=epochs, lr=lr,

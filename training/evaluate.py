@@ -33,6 +33,7 @@ import torch
 from model.remap import downsample_image, remap
 from training.archive import Archive
 from training.baselines import enhance, produces_maps
+from training.errors import ArchiveError
 from training.teacher import TeacherParams, find_anatomy_mask, teacher
 
 SSIM_MAX_SIDE = 0  # 0: SSIM at full resolution
@@ -93,7 +94,7 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
     arch = Archive(archive, ds, cache=cache)
     items = arch.items(split)
     if not items:
-        raise ValueError(f"archive {archive}: no rows with split {split!r}")
+        raise ArchiveError(f"archive {archive}: no rows with split {split!r}")
     rows, outputs = [], {m: {} for m in methods}
     raws = {}
     for item in items:

@@ -43,6 +43,7 @@ from model.remap import remap
 from training.archive import Archive
 from training.baselines import produces_maps, render, render_points
 from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
+from training.errors import ArchiveError
 
 
 @dataclass
@@ -189,7 +190,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         torch.distributed.barrier()
     train_items, val_items = archive.items("train"), archive.items("val")
     if not train_items:
-        raise ValueError(f"archive {cfg.archive}: no rows with split 'train'")
+        raise ArchiveError(f"archive {cfg.archive}: no rows with split 'train'")
     if not val_items:
         log("warning: no 'val' rows; validating on the training rows")
         val_items = train_items
