@@ -154,6 +154,8 @@ class Worker:
             except Exception as exc:  # a bug or a surprise from a library: retry, don't die
                 log.exception("sending failed unexpectedly", destination=target.name)
                 outcomes = [Outcome("retry", f"{target.name}: {exc!r}")] * len(pending)
+            missing = len(pending) - len(outcomes)  # an item without an answer is not delivered
+            outcomes = list(outcomes) + [Outcome("retry", f"{target.name}: no outcome")] * max(0, missing)
             for (plan, item), outcome in zip(pending, outcomes):
                 plan.outcomes.append((target.name, item, outcome))
                 if outcome.delivered:
