@@ -20,12 +20,12 @@ import torch
 
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import ModelStamp, derive_instance
+from model import DEFAULT_WEIGHTS
 from model.checkpoint import save_checkpoint
 from model.net import ModelConfig, build_model
 from model.predictor import Predictor
 from tests.helpers import phantom_dataset
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "default.pt"
 
 
 def timed(fn, *args, **kwargs):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "default.pt"
+from model import DEFAULT_WEIGHTS
+
 
 
 def iter_inputs(paths: tuple[str, ...]):

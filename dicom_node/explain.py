@@ -248,7 +248,7 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 def explain(file, out_dir, weights, device):
     """Show what the model does to FILE: maps, LUT curves and enhanced image (PNG + JSON)."""
-    from dicom_node.enhance_command import DEFAULT_WEIGHTS
+    from model import DEFAULT_WEIGHTS
     from model.predictor import Predictor
 
     try:

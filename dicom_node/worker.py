@@ -33,6 +33,7 @@ from dicom_node.forwarder import Item, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.logs import configure_logging
 from dicom_node.spool import Spool, write_atomic
+from dicom_node.writer import SOP_CLASSES_BY_MODALITY
 
 log = structlog.get_logger("dicom_node.worker")
 
@@ -45,16 +46,13 @@ WORKER_NICENESS = 5
 #: Tries of the model on one image before its original is forwarded without enhancement.
 ENHANCE_ATTEMPTS = 3
 
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_STORAGE = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
-_NAMED_CLASSES = {"CR": (CR_STORAGE,), "DX": DX_STORAGE}
 
 
 def enhanced_classes(entries: tuple[str, ...]) -> frozenset[str]:
     """[model] enhance entries (CR, DX or SOP Class UIDs) as SOP Class UIDs."""
     uids: set[str] = set()
     for entry in entries:
-        uids.update(_NAMED_CLASSES.get(entry.upper(), (entry,)))
+        uids.update(SOP_CLASSES_BY_MODALITY.get(entry.upper(), (entry,)))
     return frozenset(uids)
 
 

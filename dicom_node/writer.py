@@ -22,6 +22,8 @@ DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 REQUIRES_RESCALE = {DX_FOR_PRESENTATION, DX_FOR_PROCESSING,
                     "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",  # MG
                     "1.2.840.10008.5.1.4.1.1.1.3", "1.2.840.10008.5.1.4.1.1.1.3.1"}  # IO
+#: The classes meant by the modality names of [model] enhance and of synthetic archives.
+SOP_CLASSES_BY_MODALITY = {"CR": (CR_STORAGE,), "DX": (DX_FOR_PRESENTATION, DX_FOR_PROCESSING)}
 FOR_PROCESSING_TO_PRESENTATION = {
     DX_FOR_PROCESSING: DX_FOR_PRESENTATION,
     "1.2.840.10008.5.1.4.1.1.1.2.1": "1.2.840.10008.5.1.4.1.1.1.2",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.writer import CR_STORAGE, DX_FOR_PROCESSING
 from model.remap import downsample_image
 from training.perturb import random_perturbation
 from training.phantoms import ANATOMIES, SIZES, make_phantom
@@ -31,7 +32,6 @@ from training.teacher import find_anatomy_mask, teacher
 PARAMS_FACTOR = 4
 REAL_RADIOGRAPHS = {"RG1_UNCR.dcm": "train", "RG3_UNCR.dcm": "test"}  # pydicom-data files, fixed splits
 MANIFEST_COLUMNS = ("id", "raw", "target", "params", "split", "group")
-SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1.1"}
 
 
 def radiograph_dataset(x: np.ndarray, *, bits: int, photometric: str, modality: str, uid_key: str):
@@ -46,7 +46,7 @@ def radiograph_dataset(x: np.ndarray, *, bits: int, photometric: str, modality: 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SOP_CLASSES[modality]
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = {"CR": CR_STORAGE, "DX": DX_FOR_PROCESSING}[modality]
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["synth", uid_key])
     ds.StudyInstanceUID = generate_uid(entropy_srcs=["synth-study", uid_key])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["synth-series", uid_key])
