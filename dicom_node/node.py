@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -50,9 +52,30 @@ def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
 
 
 def check_ready(config: Config) -> None:
-    """Fail at start, naming the key, for what would otherwise fail in the worker."""
-    if config.model.enhance and not config.model.weights.is_file():
+    """Fail at start, naming the key, for what would otherwise fail in the worker (which the
+    node would restart again and again while received images wait in the spool)."""
+    if not config.model.enhance:
+        return
+    if not config.model.weights.is_file():
         raise ConfigError(f"{config.path.name}: [model] weights: no file at {config.model.weights}")
+    device = config.model.device
+    if device.startswith("cuda"):
+        index = int(device[5:]) if device.startswith("cuda:") else 0
+        count = cuda_device_count()
+        if index >= count:
+            have = f"only {count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(f"{config.path.name}: [model] device: {device!r} asked for, but this machine has "
+                              f"{have}; use \"auto\" or \"cpu\"")
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees, asked of a child interpreter: this process must not import torch."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    try:
+        return int(probe.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return 0
 
 
 class Node:

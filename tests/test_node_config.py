@@ -160,3 +160,14 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     bad.write_bytes(b"[node]\nae_title = \"\xff\xfe\"\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_a_cuda_device_on_a_machine_without_one_fails_at_start_not_in_the_worker(tmp_path):
+    from dicom_node.node import check_ready, cuda_device_count
+
+    have = cuda_device_count()
+    weights = f'weights = "{REPO / "model" / "weights" / "default.pt"}"\n'
+    config = load_config(write(tmp_path, MINIMAL + f'[model]\n{weights}device = "cuda:{have}"\n'))
+    with pytest.raises(ConfigError, match=r"\[model\] device: 'cuda:" + str(have) + "' asked for, but this machine has"):
+        check_ready(config)
+    check_ready(load_config(write(tmp_path, MINIMAL + f'[model]\n{weights}device = "cpu"\n')))
