@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,7 +311,7 @@ class Archive:
             low_maps = downsample_image(maps[None], self.downsample)[0].numpy()
             _save_atomic(x_path, x.astype(np.float16))
             _save_atomic(z_path, z.astype(np.float16))
-            tmp = low_path.with_name(low_path.name + ".tmp.npz")
+            tmp = low_path.with_name(f"{low_path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, x=low_x.astype(np.float32), maps=low_maps.astype(np.float32))
             tmp.replace(low_path)
         item = Item(row.id, row.split, row.group, x_path, z_path, low_path)
@@ -354,6 +355,6 @@ class Archive:
 
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # two trainers may fill one cache
     np.save(tmp, arr)
     tmp.replace(path)
