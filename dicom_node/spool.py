@@ -102,7 +102,12 @@ class Spool:
         """Move `source` into failed/ with a reason file beside it; returns the held path."""
         self.failed.mkdir(parents=True, exist_ok=True)
         held = self.failed / f"{job_id}-{safe_name(sop_instance_uid)}.dcm"
-        write_atomic(held.with_name(held.name + ".reason.txt"), (reason.rstrip() + "\n").encode())
+        reason_path = held.with_name(held.name + ".reason.txt")
+        text = reason.rstrip() + "\n"
+        if reason_path.exists():  # held before, but the queue did not record it (e.g. a disk error): keep both
+            previous = reason_path.read_text(errors="replace")
+            text = previous if text in previous else f"{previous}\n{text}"
+        write_atomic(reason_path, text.encode())
         if source.exists():
             os.replace(source, held)
             fsync_dir(self.failed)

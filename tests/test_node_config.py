@@ -171,3 +171,20 @@ def test_a_cuda_device_on_a_machine_without_one_fails_at_start_not_in_the_worker
     with pytest.raises(ConfigError, match=r"\[model\] device: 'cuda:" + str(have) + "' asked for, but this machine has"):
         check_ready(config)
     check_ready(load_config(write(tmp_path, MINIMAL + f'[model]\n{weights}device = "cpu"\n')))
+
+
+def test_holding_a_failed_file_twice_keeps_the_file_and_both_reasons(tmp_path):
+    from dicom_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool").create()
+    source = spool.incoming / "1.dcm"
+    source.write_bytes(b"not really dicom")
+    held = spool.hold_failed(7, source, "1.2.3", "reason: cannot decode pixel data")
+    # the queue did not record the first hold (a disk error while settling): the job comes
+    # back, its file is gone from incoming/, and it is held again with another reason
+    again = spool.hold_failed(7, source, "1.2.3", "reason: source file missing")
+    assert again == held and held.read_bytes() == b"not really dicom"
+    reasons = held.with_name(held.name + ".reason.txt").read_text()
+    assert "cannot decode pixel data" in reasons and "source file missing" in reasons
+    spool.hold_failed(7, source, "1.2.3", "reason: source file missing")
+    assert held.with_name(held.name + ".reason.txt").read_text() == reasons
