@@ -88,6 +88,22 @@ def _sample(img: torch.Tensor, src_cols: torch.Tensor, src_rows: torch.Tensor, f
     return F.grid_sample(img[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
+def _bilinear_at(img: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """img (H, W), e.g. a memory map, sampled bilinearly at (rows, cols), border clamped: the
+    values `_sample(img, cols, rows, 1)` gives, reading only the four neighbours of each point
+    (not converting the whole image)."""
+    h, w = img.shape
+    flat = np.asarray(img).reshape(-1)
+    r = np.clip(rows, 0, h - 1)
+    c = np.clip(cols, 0, w - 1)
+    r0, c0 = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr, fc = (r - r0).astype(np.float32), (c - c0).astype(np.float32)
+    top = flat[r0 * w + c0].astype(np.float32) * (1 - fc) + flat[r0 * w + c1].astype(np.float32) * fc
+    bottom = flat[r1 * w + c0].astype(np.float32) * (1 - fc) + flat[r1 * w + c1].astype(np.float32) * fc
+    return (top * (1 - fr) + bottom * fr).astype(np.float32)
+
+
 def _grid(M, rows: np.ndarray, cols: np.ndarray):
     cc, rr = np.meshgrid(cols, rows)
     src_c = M[0, 0] * cc + M[0, 1] * rr + M[0, 2]
@@ -143,9 +159,7 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         else:
             src_c = M[0, 0] * pc + M[0, 1] * pr + M[0, 2]
             src_r = M[1, 0] * pc + M[1, 1] * pr + M[1, 2]
-            full = torch.from_numpy(np.stack([np.asarray(x_full, dtype=np.float32), np.asarray(z_full, dtype=np.float32)]))
-            vals = _sample(full, torch.from_numpy(src_c)[None], torch.from_numpy(src_r)[None], 1)[:, 0]
-            pts_x, pts_z = vals[0], vals[1]
+            pts_x, pts_z = (torch.from_numpy(_bilinear_at(img, src_r, src_c)) for img in (x_full, z_full))
         pts_rc = torch.from_numpy(np.stack([pr, pc], axis=1).astype(np.float32))
 
     if rng.random() < aug.intensity:
