@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.net import MAP_NAMES
+from model.net import MAP_NAMES, mirror_averaged
 from model.remap import downsample_image, remap, sigmoid_window, upsample_maps
 
 
@@ -81,7 +81,7 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         low = downsample_image(x, self.checkpoint.config.downsample)
-        return self.checkpoint.model(low)[0]
+        return mirror_averaged(self.checkpoint.model, low)[0]
 
     @torch.inference_mode()
     def post_process(self, x: torch.Tensor, maps: torch.Tensor, want_z: bool = True) -> Prediction:

@@ -8,11 +8,12 @@ from model.predictor import Predictor
 from model.remap import downsample_image
 
 
+@pytest.mark.parametrize("parameterisation", ["relative", "tissue"])
 @pytest.mark.parametrize("rows,cols,ds", [(1000, 1000, 8), (1003, 2501, 8), (4096, 1024, 16), (1200, 1000, 4),
                                           (4096, 200, 16), (64, 48, 16)])
-def test_maps_keep_geometry_and_constraints_for_any_size_and_aspect(rows, cols, ds):
+def test_maps_keep_geometry_and_constraints_for_any_size_and_aspect(rows, cols, ds, parameterisation):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(downsample=ds, width=8)).eval()
+    model = build_model(ModelConfig(downsample=ds, width=8, parameterisation=parameterisation)).eval()
     x = torch.rand(1, 1, rows, cols)
     low = downsample_image(x, ds)
     with torch.no_grad():
@@ -23,6 +24,34 @@ def test_maps_keep_geometry_and_constraints_for_any_size_and_aspect(rows, cols, 
     assert torch.all((wc >= 0) & (wc <= 1))
     assert torch.all(ww >= model.config.min_ww)
     assert torch.isfinite(b).all()
+
+
+def test_tissue_lowpass_is_a_normalised_convolution_that_ignores_what_is_outside_the_anatomy():
+    model = build_model(ModelConfig(parameterisation="tissue", width=8))
+    x = torch.full((1, 1, 120, 160), 0.3)
+    x[..., :, 100:] = 0.9  # "collimation" on the right
+    inside = torch.zeros_like(x)
+    inside[..., :, :100] = 1.0
+    low = model.tissue_lowpass(x, inside)
+    assert torch.allclose(low[..., :, :95], torch.tensor(0.3), atol=1e-3)  # the plateau never leaks in
+    plain = model.tissue_lowpass(x, torch.ones_like(x))
+    assert plain[..., :, 90].mean() > 0.35  # without the mask it does
+    assert torch.allclose(model.tissue_lowpass(torch.full_like(x, 0.5), inside), torch.tensor(0.5), atol=1e-4)
+
+
+def test_mirror_averaging_is_mirror_equivariant_and_keeps_the_constraints():
+    from model.net import mirror_averaged
+
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(width=8, parameterisation="tissue")).eval()
+    low = torch.rand(1, 1, 40, 56)
+    with torch.no_grad():
+        maps = mirror_averaged(model, low)
+        mirrored = mirror_averaged(model, low.flip(-1))
+        plain = model(low)
+    assert torch.allclose(mirrored.flip(-1), maps, atol=1e-5)
+    assert not torch.allclose(plain.flip(-1), model(low.flip(-1)), atol=1e-3)  # the network alone is not
+    assert torch.all(maps[:, 0] >= 0) and torch.all(maps[:, 3] >= model.config.min_ww)
 
 
 def test_config_rejects_invalid_values_with_the_argument_named():
@@ -110,3 +139,20 @@ def test_predictor_with_constant_maps_computes_the_remap(tmp_path):
 def test_device_choice_is_validated():
     with pytest.raises(ValueError, match="device"):
         Predictor("whatever.pt", device="tpu")
+
+
+def test_the_tissue_model_is_invariant_to_a_global_gain_and_offset_of_the_acquisition():
+    """Its y = a x + b is the same for x and alpha x + beta: the network sees the image only
+    through its robust statistics, and a, b move with them (model/net.py)."""
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(width=8, parameterisation="tissue")).eval()
+    x = 0.2 + 0.5 * torch.rand(1, 1, 48, 64)
+    with torch.no_grad():
+        for alpha, beta in [(0.8, 0.05), (1.2, -0.1), (0.5, 0.3)]:
+            xp = alpha * x + beta
+            y, yp = [m[:, 0] * v[:, 0] + m[:, 1] for m, v in ((model(x), x), (model(xp), xp))]
+            assert torch.allclose(y, yp, atol=1e-4), (alpha, beta)
+    relative = build_model(ModelConfig(width=8, parameterisation="relative")).eval()
+    with torch.no_grad():
+        m, mp = relative(x), relative(0.8 * x + 0.05)
+    assert not torch.allclose(m[:, 0] * x[:, 0] + m[:, 1], mp[:, 0] * (0.8 * x[:, 0] + 0.05) + mp[:, 1], atol=1e-3)

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.net import BASELINE_BUILDERS, InterpretableResUNet, ModelConfig, conv_norm_act, robust_stats
+from model.net import BASELINE_BUILDERS, InterpretableResUNet, ModelConfig, conv_norm_act, mirror_averaged, robust_stats
 from model.remap import downsample_image, remap, sigmoid_window
 from training.dataset import crop_maps
 
@@ -84,7 +84,7 @@ def enhance(model: nn.Module, x: torch.Tensor) -> Enhancement:
     x: (N, 1, H, W) or (H, W); the same two steps for the proposed model and every baseline.
     """
     x4 = x if x.dim() == 4 else x.reshape(1, 1, *x.shape[-2:])
-    out = model(downsample_image(x4, model.config.downsample))
+    out = mirror_averaged(model, downsample_image(x4, model.config.downsample))  # as model.predictor
     return Enhancement(render(model, x4, out), out if produces_maps(model) else None)
 
 

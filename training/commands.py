@@ -50,6 +50,8 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
 @click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
               help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
+@click.option("--parameterisation", default="tissue", show_default=True,
+              type=click.Choice(["relative", "absolute", "tissue"]), help="How the raw outputs become a and b (model/net.py).")
 @click.option("--work-size", default=0, show_default=True, type=click.IntRange(0),
               help="Run the ResUNet on a copy of the /ds image resized to this longer side (0: as is).")
 @click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
@@ -65,7 +67,8 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
-                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size):
+                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size,
+                  parameterisation):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from model.predictor import resolve_device
     from training.loop import TrainConfig, train
@@ -77,7 +80,8 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
         weights = ()
     if len(weights) != 4:
         raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
-    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, work_size=work_size, epochs=epochs, lr=lr,
+    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, work_size=work_size,
+                      parameterisation=parameterisation, epochs=epochs, lr=lr,
                       batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
                       max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
                       cache=cache, resume=resume or "", progress=not no_progress)

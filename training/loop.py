@@ -55,8 +55,9 @@ class TrainConfig:
     downsample: int = 8
     width: int = 32
     levels: int = 5
-    parameterisation: str = "relative"
+    parameterisation: str = "tissue"
     lowpass_radius: int = 3  # L(x) of the relative parameterisation, low-res pixels
+    lowpass_sigma: float = 0.06  # L(x) of the tissue parameterisation, fraction of the shorter side
     work_size: int = 0  # ModelConfig.work_size: the ResUNet's input longer side (0 = as is)
     epochs: int = 30
     lr: float = 1e-3
@@ -199,7 +200,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     # ---- model and optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     mconf = ModelConfig(arch=cfg.arch, downsample=cfg.downsample, width=cfg.width, levels=cfg.levels,
-                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius, work_size=cfg.work_size,
+                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius,
+                        lowpass_sigma=cfg.lowpass_sigma, work_size=cfg.work_size,
                         extra=dict(cfg.model_extra))
     model = build_model(mconf).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
