@@ -57,9 +57,9 @@ def test_bundled_model_meets_its_floor_on_a_fresh_test_split(fresh_test_split, t
     result = evaluate(fresh_test_split, BUNDLED, split="test", cache=str(tmp_path / "c"))
     by = {s["method"]: s for s in result.summary}
     model, a, b = by["model"], by["A: percentile window"], by["B: teacher on input"]
-    # floors a little under the numbers docs/training.md gives for this split (31.5 dB, 0.984)
-    assert model["psnr"] > 29.5, result.table()
-    assert model["ssim"] > 0.97, result.table()
+    # floors a little under the numbers docs/training.md gives for this split (33.3 dB, 0.993)
+    assert model["psnr"] > 31.5, result.table()
+    assert model["ssim"] > 0.985, result.table()
     assert model["psnr"] > a["psnr"] + 3 and model["psnr"] > b["psnr"] + 3, result.table()
     assert model["consistency"] < a["consistency"] and model["consistency"] < b["consistency"], result.table()
 
