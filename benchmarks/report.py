@@ -95,7 +95,7 @@ def target_checks(rows: list[Row], ours: str = "proposed-ds8") -> list[tuple[str
 def render_table(rows: list[Row], meta: dict) -> str:
     """The markdown of benchmarks/results/table1.md.
 
-    meta: mode ("quick"/"full"), command, archive (description), test_images, training (description),
+    meta: mode ("quick"/"medium"/"full"), command, archive (description), test_images, training (description),
     cpu (description), gpu (description or None), consistency (legend text), date, commit.
     """
     order = {k: i for i, k in enumerate(METHODS)}
@@ -106,6 +106,10 @@ def render_table(rows: list[Row], meta: dict) -> str:
         lines += ["> **Quick-mode numbers** (CI smoke run: tiny archive, short training). "
                   "They show that every row is produced and scored by the same code; they are not the "
                   "converged comparison. The full run's command is in docs/table1.md.", ""]
+    elif meta.get("mode") == "medium":
+        lines += ["> **Medium-mode numbers**: the full run's networks, anatomies and real radiographs, on "
+                  "images scaled to <= 1024 px and 60 epochs per row (about half an hour on a 2-core CPU). "
+                  "Not the full run (docs/table1.md).", ""]
     lines += [f"Command: `{meta.get('command', '')}`  ", f"Data: {meta.get('archive', '')}  ",
               f"Test split: {meta.get('test_images', '?')} images  ", f"Training: {meta.get('training', '')}  ",
               f"Timing: {meta.get('cpu', 'CPU')}" + (f"; GPU: {gpu}" if gpu else "; no GPU on this machine") + "  ",
