@@ -70,11 +70,11 @@ def check_ready(config: Config) -> None:
 
 def cuda_device_count() -> int:
     """CUDA devices torch sees, asked of a child interpreter: this process must not import torch."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, timeout=120)
     try:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                               capture_output=True, text=True, timeout=120)
         return int(probe.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
+    except (subprocess.TimeoutExpired, OSError, IndexError, ValueError):  # no answer: count none
         return 0
 
 
