@@ -27,7 +27,6 @@ from model.predictor import Predictor
 from tests.helpers import phantom_dataset
 
 
-
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)

@@ -8,7 +8,6 @@ import click
 from model import DEFAULT_WEIGHTS
 
 
-
 def iter_inputs(paths: tuple[str, ...]):
     """Every file named, and every file under every folder named (recursively, sorted)."""
     for raw in paths:

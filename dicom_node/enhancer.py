@@ -14,6 +14,7 @@ from model.predictor import Prediction, Predictor
 #: What a derived instance (and its Parametric Map) is built from and points back to.
 SOURCE_IDENTITY = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
+
 class Enhancer:
     """Loads the model once (lazily) and enhances one dataset at a time."""
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.net import ModelConfig, build_model
+from model.net import ModelConfig, build_model, mirror_averaged
 from model.predictor import Predictor
 from model.remap import downsample_image
 
@@ -40,8 +40,6 @@ def test_tissue_lowpass_is_a_normalised_convolution_that_ignores_what_is_outside
 
 
 def test_mirror_averaging_is_mirror_equivariant_and_keeps_the_constraints():
-    from model.net import mirror_averaged
-
     torch.manual_seed(1)
     model = build_model(ModelConfig(width=8, parameterisation="tissue")).eval()
     low = torch.rand(1, 1, 40, 56)

@@ -153,9 +153,6 @@ def test_jobs_left_in_processing_are_resumed(tmp_path):
 
 
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
-    from dicom_node.config import load_config
-    from dicom_node.errors import ConfigError
-
     bad = tmp_path / "config.toml"
     bad.write_bytes(b"[node]\nae_title = \"\xff\xfe\"\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
