@@ -5,7 +5,9 @@ Pure formatting over measured rows; `benchmarks.table1` measures them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 # Paper, Table 1 (clinical test set of 43 images, times on an A100): PSNR dB, SSIM, seconds.
 PAPER = {
@@ -101,7 +103,12 @@ def render_table(rows: list[Row], meta: dict) -> str:
     order = {k: i for i, k in enumerate(METHODS)}
     rows = sorted(rows, key=lambda r: order.get(r.key, len(order)))
     gpu = meta.get("gpu")
-    lines = [f"# Table 1 — {meta.get('mode', '?')} mode", ""]
+    seeds = meta.get("seeds")
+    lines = [f"# Table 1 — {meta.get('mode', '?')} mode" + (f", mean of {len(seeds)} seeds" if seeds else ""), ""]
+    if seeds:
+        lines += [f"> **The mean over seeds {', '.join(map(str, seeds))}**: each seed is its own archive, test split, "
+                  "training and evaluation (per-seed tables in seed-N/ and below); a number here is the mean of "
+                  "the seeds' means. Seconds are the fastest seed's.", ""]
     if meta.get("mode") == "quick":
         lines += ["> **Quick-mode numbers** (CI smoke run: tiny archive, short training). "
                   "They show that every row is produced and scored by the same code; they are not the "
@@ -142,4 +149,57 @@ def render_table(rows: list[Row], meta: dict) -> str:
         for text, ok, numbers in checks:
             lines.append(f"- [{'x' if ok else ' '}] {text}: {numbers}")
         lines.append("")
+    return "\n".join(lines)
+
+
+def _over(rows: list[Row], attr: str, combine):
+    """combine() of one attribute over rows; None when any row lacks it."""
+    values = [getattr(r, attr) for r in rows]
+    return None if any(v is None for v in values) else combine(values)
+
+
+def _mean(values) -> float:
+    return float(np.mean(values))
+
+
+def mean_rows(runs: dict[int, list[Row]]) -> list[Row]:
+    """Each row's metrics averaged over the seeds (rows missing from a seed are dropped, so every
+    mean is over the same seeds); seconds are the fastest seed's; extra["per_seed"] keeps each
+    seed's numbers."""
+    keys = set.intersection(*(set(r.key for r in rows) for rows in runs.values()))
+    out = []
+    for key in keys:
+        per = {seed: next(r for r in rows if r.key == key) for seed, rows in runs.items()}
+        rows = list(per.values())
+        out.append(replace(
+            rows[0], psnr=_over(rows, "psnr", _mean), ssim=_over(rows, "ssim", _mean),
+            consistency=_over(rows, "consistency", _mean),
+            map_mae=_over(rows, "map_mae", lambda maes: tuple(_mean(v) for v in zip(*maes))),
+            seconds_cpu=_over(rows, "seconds_cpu", min), seconds_gpu=_over(rows, "seconds_gpu", min),
+            extra={"per_seed": {s: {"psnr": r.psnr, "ssim": r.ssim, "consistency": r.consistency}
+                                for s, r in per.items()}}))
+    return out
+
+
+def render_seeds_table(runs: dict[int, list[Row]], meta: dict) -> str:
+    """The mean table over seeds (render_table of mean_rows, targets checked on the means), then
+    each seed's PSNR / SSIM / consistency and which targets each seed alone meets."""
+    seeds = sorted(runs)
+    means = mean_rows(runs)
+    lines = [render_table(means, {**meta, "seeds": seeds}), "## Per seed", "",
+             "PSNR (dB) / SSIM / consistency of each row on each seed's test split.", ""]
+    lines += ["| Method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    order = {k: i for i, k in enumerate(METHODS)}
+    for r in sorted(means, key=lambda r: order.get(r.key, len(order))):
+        cells = [f"{p['psnr']:.2f} / {p['ssim']:.4f} / {p['consistency']:.3f}"
+                 for p in (r.extra["per_seed"][s] for s in seeds)]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets met by each seed alone:", ""]
+    for s in seeds:
+        kept = [r for r in runs[s] if r.key in {m.key for m in means}]
+        checks = target_checks(kept)
+        lines.append(f"- seed {s}: {sum(ok for _, ok, _ in checks)} of {len(checks)}"
+                     + "".join(f"; {'met' if ok else 'missed'}: {text[len('Proposed (ds 8) '):]}"
+                               for text, ok, _ in checks))
+    lines.append("")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     python -m benchmarks.table1 --quick      # CI smoke run: tiny archive, short training, <= 10 min
     python -m benchmarks.table1 --medium     # the full networks on 1024 px images: ~30 min on this 2-core CPU
     python -m benchmarks.table1              # the full run: 40 anatomies x 4 acquisitions, hours on a CPU
+    python -m benchmarks.table1 --medium --seeds 0 1 2 --out DIR   # each seed into DIR/seed-N, DIR/table1.md the mean
 
 Steps, all from one seed:
   1. synth    a synthetic annotated archive (training.synth): phantoms (plus the pydicom-data
@@ -18,8 +19,11 @@ Steps, all from one seed:
               and on CUDA when present.
   5. write    <out>/table1.md (our numbers, the paper's beside them, the issue's targets
               checked), <out>/table1.json (everything measured), <out>/fig3.png, <out>/fig4.png.
-Intermediate files (archive, cache, checkpoints) go to --work; a checkpoint trained with the
-same settings is reused, so an interrupted full run continues where it stopped.
+Intermediate files (archive, cache, checkpoints) go to --work (default var/table1-<mode>, with
+-s<seed> for a seed other than 0); a checkpoint trained with the same settings is reused, so an
+interrupted full run continues where it stopped. With --seeds each seed is a whole run of its own
+(archive, test split, training) and the written table is their mean: one 7-anatomy test split
+moves a row's mean by more than the rows differ.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks.figures import figure3, figure4
-from benchmarks.report import METHODS, Row, render_table
+from benchmarks.report import METHODS, Row, render_seeds_table, render_table
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
 from training.baselines import baseline_config, clahe, enhance, parameter_count, produces_maps
@@ -359,6 +363,41 @@ def run_all(run: Run, command: str) -> str:
     return markdown
 
 
+def default_work(mode: Mode, seed: int) -> Path:
+    """var/table1-<mode> for seed 0 (and before seeds were named), var/table1-<mode>-s<seed> otherwise."""
+    return REPO / "var" / (f"table1-{mode.name}" + (f"-s{seed}" if seed else ""))
+
+
+def aggregate(out: Path, seeds: list[int], command: str) -> str:
+    """<out>/table1.md and .json: the mean over <out>/seed-N/table1.json of the given seeds."""
+    runs, metas = {}, {}
+    for seed in seeds:
+        path = out / f"seed-{seed}" / "table1.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run this command without --aggregate to measure seed {seed}")
+        data = json.loads(path.read_text())
+        runs[seed] = [Row(**r) for r in data["rows"]]
+        metas[seed] = data["meta"]
+    modes = {m["mode"] for m in metas.values()}
+    if len(modes) != 1:
+        raise SystemExit(f"the seeds were measured in different modes ({', '.join(sorted(modes))}); rerun them in one")
+    first = metas[seeds[0]]
+    seed_text = f"--seed {seeds[0]}"
+    meta = {**first, "command": command,
+            "archive": first["archive"].replace(seed_text, "--seed N") + f" for N in {', '.join(map(str, seeds))}",
+            "test_images": "; ".join(f"seed {s}: {metas[s]['test_images']}" for s in seeds),
+            "training": first["training"].replace(f"seed {seeds[0]}", "the archive's seed"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "wall_minutes": round(sum(m.get("wall_minutes", 0) for m in metas.values()), 1)}
+    markdown = render_seeds_table(runs, meta)
+    markdown += f"\nWall time of the seeds' runs together: {meta['wall_minutes']} min.\n"
+    (out / "table1.md").write_text(markdown)
+    (out / "table1.json").write_text(json.dumps(
+        {"meta": {**meta, "seeds": seeds}, "rows": {s: [asdict(r) for r in rows] for s, rows in runs.items()}},
+        indent=1, default=str))
+    return markdown
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Reproduce the paper's Table 1 and Figures 3, 4 on synthetic data.")
     size = parser.add_mutually_exclusive_group()
@@ -368,6 +407,11 @@ def main(argv=None) -> None:
                         help="Where table1.md, table1.json and the figures go.")
     parser.add_argument("--work", type=Path, default=None, help="Archive, cache, checkpoints (default var/table1-<mode>).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N",
+                        help="Run each seed (its own archive, test split and training) into OUT/seed-N and write "
+                             "OUT/table1.md as their mean.")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="With --seeds: only rebuild the mean table from OUT/seed-N/table1.json.")
     parser.add_argument("--device", default="auto", help="Training/evaluation device: auto | cpu | cuda | cuda:N.")
     parser.add_argument("--threads", type=int, default=0, help="Torch threads (default: 1 with --quick, else all cores).")
     parser.add_argument("--epochs", type=int, default=None, help="Override the mode's epochs (same for every row).")
@@ -383,14 +427,20 @@ def main(argv=None) -> None:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out
-    work = args.work or (REPO / "var" / f"table1-{mode.name}")
+    if args.aggregate and not args.seeds:
+        parser.error("--aggregate needs --seeds")
     threads = args.threads or mode.threads
     if threads:
         torch.set_num_threads(threads)
-    run = Run(mode=mode, out=out, work=work, seed=args.seed, device=device, threads=threads, only=tuple(args.only))
     command = "python -m benchmarks.table1" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(run_all(run, command))
+    seeds = args.seeds or [args.seed]
+    for seed in ([] if args.aggregate else seeds):
+        out = args.out / f"seed-{seed}" if args.seeds else args.out
+        work = (args.work / f"seed-{seed}" if args.seeds else args.work) if args.work else default_work(mode, seed)
+        run = Run(mode=mode, out=out, work=work, seed=seed, device=device, threads=threads, only=tuple(args.only))
+        print(run_all(run, command + (f"  (seed {seed})" if args.seeds else "")))
+    if args.seeds:
+        print(aggregate(args.out, args.seeds, command))
 
 
 if __name__ == "__main__":

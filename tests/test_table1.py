@@ -11,7 +11,7 @@ import torch
 from matplotlib.image import imread
 
 from benchmarks.report import METHODS
-from benchmarks.table1 import QUICK, Run, learned_rows, run_all
+from benchmarks.table1 import QUICK, Run, aggregate, learned_rows, run_all
 from model.checkpoint import load_checkpoint
 from training.archive import Archive
 from training.baselines import BASELINES, baseline_config
@@ -73,3 +73,21 @@ def test_quick_table_generator_writes_every_row_and_both_figures(tmp_path):
     logs = []
     run_all(replace(run, log=logs.append), "again")
     assert sum("reusing" in line for line in logs) == 1 + 7
+
+
+def test_the_seeds_table_reads_each_seeds_json_back(tmp_path):
+    run = Run(mode=replace(TINY, anatomies=3), out=tmp_path / "results" / "seed-1", work=tmp_path / "work", seed=1,
+              device="cpu", threads=2, only=("proposed-ds8", "percentile-window"), log=lambda *a: None)
+    single = run_all(run, "one seed")
+    with pytest.raises(SystemExit, match="seed-2/table1.json is missing"):
+        aggregate(tmp_path / "results", [1, 2], "two seeds")
+    (tmp_path / "results" / "seed-2").mkdir()
+    (tmp_path / "results" / "seed-2" / "table1.json").write_bytes((run.out / "table1.json").read_bytes())
+    both = aggregate(tmp_path / "results", [1, 2], "two seeds")
+    assert (tmp_path / "results" / "table1.md").read_text() == both and "mean of 2 seeds" in both
+
+    def rows_of(markdown):  # the first table's rows: two equal seeds average to the single seed's numbers
+        table = markdown.split("## Per seed")[0]
+        return [line.split("|")[2:4] for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+
+    assert rows_of(both) == rows_of(single) and len(rows_of(single)) == 2

@@ -4,7 +4,7 @@ import pytest
 from matplotlib.image import imread
 
 from benchmarks.figures import detail_crop, figure3, figure4
-from benchmarks.report import METHODS, PAPER, Row, render_table, target_checks
+from benchmarks.report import METHODS, PAPER, Row, mean_rows, render_seeds_table, render_table, target_checks
 from tests.helpers import phantom_radiograph
 
 META = {"mode": "quick", "command": "python -m benchmarks.table1 --quick", "archive": "synthetic, seed 0",
@@ -85,3 +85,27 @@ def test_figures_are_written_with_one_panel_per_method_and_acquisition(tmp_path)
     assert imread(tmp_path / "fig4.png").shape[0] > 100
     with pytest.raises(ValueError, match="one image per column"):
         figure4(tmp_path / "bad.png", {"raw": acquisitions[:2]}, ["p0", "p1", "p2"])
+
+
+def test_the_seeds_table_is_the_mean_of_each_seeds_rows_with_targets_on_the_means():
+    # seed 0: ds8 far behind ds4 in PSNR; seed 1: ds8 ahead; the mean decides the target
+    seed0 = rows(**{"proposed-ds8": dict(psnr=25.0, ssim=0.90, consistency=0.2, map_mae=(0.1, 0.2, 0.3, 0.4)),
+                    "proposed-ds4": dict(psnr=26.0, ssim=0.91)})
+    seed1 = rows(**{"proposed-ds8": dict(psnr=27.0, ssim=0.94, consistency=0.0, map_mae=(0.3, 0.4, 0.5, 0.6)),
+                    "proposed-ds4": dict(psnr=26.2, ssim=0.93)})
+    seed1 = [r for r in seed1 if r.key != "clahe"]  # a row missing from one seed is left out of the mean
+    means = {r.key: r for r in mean_rows({0: seed0, 1: seed1})}
+    assert "clahe" not in means
+    ds8 = means["proposed-ds8"]
+    assert ds8.psnr == pytest.approx(26.0) and ds8.ssim == pytest.approx(0.92) and ds8.consistency == pytest.approx(0.1)
+    assert ds8.map_mae == pytest.approx((0.2, 0.3, 0.4, 0.5))
+    assert ds8.seconds_cpu == pytest.approx(min(r.seconds_cpu for r in seed0 + seed1 if r.key == "proposed-ds8"))
+    md = render_seeds_table({0: seed0, 1: seed1}, META)
+    assert "mean of 2 seeds" in md
+    mean_part, seeds_part = md.split("## Per seed")
+    assert {r[0].strip("*"): r for r in table_rows(mean_part)}["Proposed (ds 8)"][1:3] == ["26.00", "0.9200"]
+    per_seed = {r[0]: r for r in table_rows(seeds_part)}["Proposed (ds 8)"]
+    assert per_seed[1:] == ["25.00 / 0.9000 / 0.200", "27.00 / 0.9400 / 0.000"]
+    # on the means ds8 is within 0.5 dB of ds4 (26.0 vs 26.1); seed 0 alone is not
+    assert "- [x] Proposed (ds 8) is within 0.5 dB of the best PSNR: 26.00 dB vs best Proposed (ds 4) 26.10 dB" in md
+    assert "- seed 0: " in md and "missed: is within 0.5 dB of the best PSNR" in md.split("- seed 0: ")[1].split("\n")[0]
