@@ -382,9 +382,8 @@ def aggregate(out: Path, seeds: list[int], command: str) -> str:
     if len(modes) != 1:
         raise SystemExit(f"the seeds were measured in different modes ({', '.join(sorted(modes))}); rerun them in one")
     first = metas[seeds[0]]
-    seed_text = f"--seed {seeds[0]}"
     meta = {**first, "command": command,
-            "archive": first["archive"].replace(seed_text, "--seed N") + f" for N in {', '.join(map(str, seeds))}",
+            "archive": first["archive"].replace(f"--seed {seeds[0]}", "--seed N") + f" for N in {', '.join(map(str, seeds))}",
             "test_images": "; ".join(f"seed {s}: {metas[s]['test_images']}" for s in seeds),
             "training": first["training"].replace(f"seed {seeds[0]}", "the archive's seed"),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
@@ -405,7 +404,8 @@ def main(argv=None) -> None:
     size.add_argument("--medium", action="store_true", help="Full networks on <= 1024 px images (~30 min on 2 cores).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="Where table1.md, table1.json and the figures go.")
-    parser.add_argument("--work", type=Path, default=None, help="Archive, cache, checkpoints (default var/table1-<mode>).")
+    parser.add_argument("--work", type=Path, default=None, help="Archive, cache, checkpoints (default var/table1-<mode>, -s<seed> added for a seed "
+                             "other than 0; with --seeds, WORK/seed-N).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N",
                         help="Run each seed (its own archive, test split and training) into OUT/seed-N and write "
