@@ -104,7 +104,7 @@ def render_table(rows: list[Row], meta: dict) -> str:
     rows = sorted(rows, key=lambda r: order.get(r.key, len(order)))
     gpu = meta.get("gpu")
     seeds = meta.get("seeds")
-    lines = [f"# Table 1 — {meta.get('mode', '?')} mode" + (f", mean of {len(seeds)} seeds" if seeds else ""), ""]
+    lines = [f"# Table 1 — {meta.get('mode', '?')} mode" + (f", mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}" if seeds else ""), ""]
     if seeds:
         lines += [f"> **The mean over seeds {', '.join(map(str, seeds))}**: each seed is its own archive, test split, "
                   "training and evaluation (per-seed tables in seed-N/ and below); a number here is the mean of "
@@ -166,9 +166,9 @@ def mean_rows(runs: dict[int, list[Row]]) -> list[Row]:
     """Each row's metrics averaged over the seeds (rows missing from a seed are dropped, so every
     mean is over the same seeds); seconds are the fastest seed's; extra["per_seed"] keeps each
     seed's numbers."""
-    keys = set.intersection(*(set(r.key for r in rows) for rows in runs.values()))
+    everywhere = set.intersection(*(set(r.key for r in rows) for rows in runs.values()))
     out = []
-    for key in keys:
+    for key in [r.key for r in next(iter(runs.values())) if r.key in everywhere]:  # the first seed's order
         per = {seed: next(r for r in rows if r.key == key) for seed, rows in runs.items()}
         rows = list(per.values())
         out.append(replace(
@@ -191,7 +191,7 @@ def render_seeds_table(runs: dict[int, list[Row]], meta: dict) -> str:
     lines += ["| Method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
     order = {k: i for i, k in enumerate(METHODS)}
     for r in sorted(means, key=lambda r: order.get(r.key, len(order))):
-        cells = [f"{p['psnr']:.2f} / {p['ssim']:.4f} / {p['consistency']:.3f}"
+        cells = [f"{_fmt(p['psnr'], '.2f')} / {_fmt(p['ssim'], '.4f')} / {_fmt(p['consistency'], '.3f')}"
                  for p in (r.extra["per_seed"][s] for s in seeds)]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     lines += ["", "Targets met by each seed alone:", ""]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks.figures import figure3, figure4
-from benchmarks.report import METHODS, Row, render_seeds_table, render_table
+from benchmarks.report import METHODS, Row, mean_rows, render_seeds_table, render_table
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
 from training.baselines import baseline_config, clahe, enhance, parameter_count, produces_maps
@@ -370,30 +370,34 @@ def default_work(mode: Mode, seed: int) -> Path:
 
 def aggregate(out: Path, seeds: list[int], command: str) -> str:
     """<out>/table1.md and .json: the mean over <out>/seed-N/table1.json of the given seeds."""
-    runs, metas = {}, {}
+    runs, metas, modes = {}, {}, {}
     for seed in seeds:
         path = out / f"seed-{seed}" / "table1.json"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run this command without --aggregate to measure seed {seed}")
         data = json.loads(path.read_text())
         runs[seed] = [Row(**r) for r in data["rows"]]
-        metas[seed] = data["meta"]
-    modes = {m["mode"] for m in metas.values()}
-    if len(modes) != 1:
-        raise SystemExit(f"the seeds were measured in different modes ({', '.join(sorted(modes))}); rerun them in one")
-    first = metas[seeds[0]]
-    meta = {**first, "command": command,
-            "archive": first["archive"].replace(f"--seed {seeds[0]}", "--seed N") + f" for N in {', '.join(map(str, seeds))}",
+        metas[seed], modes[seed] = data["meta"], data["mode"]
+    first = seeds[0]
+    for seed in seeds[1:]:
+        if modes[seed] != modes[first]:
+            differ = sorted(k for k in modes[first] if modes[seed].get(k) != modes[first][k])
+            raise SystemExit(f"seeds {first} and {seed} were measured with different settings ({', '.join(differ)}); "
+                             "rerun them with the same mode and options")
+    meta = {**metas[first], "command": command,
+            "archive": metas[first]["archive"].replace(f"--seed {first}", "--seed N") + f" for N in {', '.join(map(str, seeds))}",
             "test_images": "; ".join(f"seed {s}: {metas[s]['test_images']}" for s in seeds),
-            "training": first["training"].replace(f"seed {seeds[0]}", "the archive's seed"),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "wall_minutes": round(sum(m.get("wall_minutes", 0) for m in metas.values()), 1)}
+            "training": metas[first]["training"].replace(f"seed {first}", "the archive's seed"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": f"{git_commit()} (the mean); the seeds measured at "
+                      + ", ".join(f"{metas[s].get('commit', '?')} (seed {s})" for s in seeds),
+            "wall_minutes": round(sum(metas[s].get("wall_minutes", 0) for s in seeds), 1)}
     markdown = render_seeds_table(runs, meta)
-    markdown += f"\nWall time of the seeds' runs together: {meta['wall_minutes']} min.\n"
+    markdown += f"\nWall time of the seeds' last runs together: {meta['wall_minutes']} min.\n"
     (out / "table1.md").write_text(markdown)
     (out / "table1.json").write_text(json.dumps(
-        {"meta": {**meta, "seeds": seeds}, "rows": {s: [asdict(r) for r in rows] for s, rows in runs.items()}},
-        indent=1, default=str))
+        {"meta": {**meta, "seeds": seeds}, "mode": modes[first], "rows": [asdict(r) for r in mean_rows(runs)],
+         "per_seed": {s: [asdict(r) for r in rows] for s, rows in runs.items()}}, indent=1, default=str))
     return markdown
 
 
@@ -406,7 +410,7 @@ def main(argv=None) -> None:
                         help="Where table1.md, table1.json and the figures go.")
     parser.add_argument("--work", type=Path, default=None, help="Archive, cache, checkpoints (default var/table1-<mode>, -s<seed> added for a seed "
                              "other than 0; with --seeds, WORK/seed-N).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="The archive's and training's seed (default 0).")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N",
                         help="Run each seed (its own archive, test split and training) into OUT/seed-N and write "
                              "OUT/table1.md as their mean.")
@@ -429,18 +433,22 @@ def main(argv=None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.aggregate and not args.seeds:
         parser.error("--aggregate needs --seeds")
+    if args.seeds and args.seed is not None:
+        parser.error("--seed and --seeds exclude each other")
+    if args.aggregate and (args.only or args.epochs or args.anatomies):
+        parser.error("--aggregate measures nothing: --only, --epochs and --anatomies apply to the runs it reads")
     threads = args.threads or mode.threads
     if threads:
         torch.set_num_threads(threads)
     command = "python -m benchmarks.table1" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
-    seeds = args.seeds or [args.seed]
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed or 0]
     for seed in ([] if args.aggregate else seeds):
         out = args.out / f"seed-{seed}" if args.seeds else args.out
         work = (args.work / f"seed-{seed}" if args.seeds else args.work) if args.work else default_work(mode, seed)
         run = Run(mode=mode, out=out, work=work, seed=seed, device=device, threads=threads, only=tuple(args.only))
         print(run_all(run, command + (f"  (seed {seed})" if args.seeds else "")))
     if args.seeds:
-        print(aggregate(args.out, args.seeds, command))
+        print(aggregate(args.out, seeds, command))
 
 
 if __name__ == "__main__":

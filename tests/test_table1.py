@@ -2,6 +2,7 @@
 the generator writes a table with every row and both figures (issue 6)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -91,3 +92,10 @@ def test_the_seeds_table_reads_each_seeds_json_back(tmp_path):
         return [line.split("|")[2:4] for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
 
     assert rows_of(both) == rows_of(single) and len(rows_of(single)) == 2
+    saved = json.loads((tmp_path / "results" / "table1.json").read_text())
+    assert [r["psnr"] for r in saved["rows"]] == pytest.approx([r["psnr"] for r in saved["per_seed"]["1"]])
+    other = json.loads((run.out / "table1.json").read_text())
+    other["mode"]["epochs"] += 1  # a seed trained with other settings is not averaged in
+    (tmp_path / "results" / "seed-2" / "table1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"different settings \(epochs\)"):
+        aggregate(tmp_path / "results", [1, 2], "two seeds")
