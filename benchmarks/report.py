@@ -94,14 +94,19 @@ def target_checks(rows: list[Row], ours: str = "proposed-ds8") -> list[tuple[str
     return checks
 
 
+def in_table_order(rows: list[Row]) -> list[Row]:
+    """Rows in METHODS order (unknown keys last)."""
+    order = {k: i for i, k in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: order.get(r.key, len(order)))
+
+
 def render_table(rows: list[Row], meta: dict) -> str:
     """The markdown of benchmarks/results/table1.md.
 
     meta: mode ("quick"/"medium"/"full"), command, archive (description), test_images, training (description),
     cpu (description), gpu (description or None), consistency (legend text), date, commit.
     """
-    order = {k: i for i, k in enumerate(METHODS)}
-    rows = sorted(rows, key=lambda r: order.get(r.key, len(order)))
+    rows = in_table_order(rows)
     gpu = meta.get("gpu")
     seeds = meta.get("seeds")
     lines = [f"# Table 1 — {meta.get('mode', '?')} mode" + (f", mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}" if seeds else ""), ""]
@@ -181,23 +186,21 @@ def mean_rows(runs: dict[int, list[Row]]) -> list[Row]:
     return out
 
 
-def render_seeds_table(runs: dict[int, list[Row]], meta: dict) -> str:
-    """The mean table over seeds (render_table of mean_rows, targets checked on the means), then
-    each seed's PSNR / SSIM / consistency and which targets each seed alone meets."""
+def render_seeds_table(runs: dict[int, list[Row]], means: list[Row], meta: dict) -> str:
+    """The mean table over seeds (render_table of `means`, mean_rows(runs), targets checked on the
+    means), then each seed's PSNR / SSIM / consistency and which targets each seed alone meets."""
     seeds = sorted(runs)
-    means = mean_rows(runs)
     lines = [render_table(means, {**meta, "seeds": seeds}), "## Per seed", "",
              "PSNR (dB) / SSIM / consistency of each row on each seed's test split.", ""]
     lines += ["| Method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
-    order = {k: i for i, k in enumerate(METHODS)}
-    for r in sorted(means, key=lambda r: order.get(r.key, len(order))):
+    for r in in_table_order(means):
         cells = [f"{_fmt(p['psnr'], '.2f')} / {_fmt(p['ssim'], '.4f')} / {_fmt(p['consistency'], '.3f')}"
                  for p in (r.extra["per_seed"][s] for s in seeds)]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     lines += ["", "Targets met by each seed alone:", ""]
+    averaged = {m.key for m in means}
     for s in seeds:
-        kept = [r for r in runs[s] if r.key in {m.key for m in means}]
-        checks = target_checks(kept)
+        checks = target_checks([r for r in runs[s] if r.key in averaged])
         lines.append(f"- seed {s}: {sum(ok for _, ok, _ in checks)} of {len(checks)}"
                      + "".join(f"; {'met' if ok else 'missed'}: {text[len('Proposed (ds 8) '):]}"
                                for text, ok, _ in checks))

@@ -392,11 +392,12 @@ def aggregate(out: Path, seeds: list[int], command: str) -> str:
             "commit": f"{git_commit()} (the mean); the seeds measured at "
                       + ", ".join(f"{metas[s].get('commit', '?')} (seed {s})" for s in seeds),
             "wall_minutes": round(sum(metas[s].get("wall_minutes", 0) for s in seeds), 1)}
-    markdown = render_seeds_table(runs, meta)
+    means = mean_rows(runs)
+    markdown = render_seeds_table(runs, means, meta)
     markdown += f"\nWall time of the seeds' last runs together: {meta['wall_minutes']} min.\n"
     (out / "table1.md").write_text(markdown)
     (out / "table1.json").write_text(json.dumps(
-        {"meta": {**meta, "seeds": seeds}, "mode": modes[first], "rows": [asdict(r) for r in mean_rows(runs)],
+        {"meta": {**meta, "seeds": seeds}, "mode": modes[first], "rows": [asdict(r) for r in means],
          "per_seed": {s: [asdict(r) for r in rows] for s, rows in runs.items()}}, indent=1, default=str))
     return markdown
 

@@ -100,7 +100,7 @@ def test_the_seeds_table_is_the_mean_of_each_seeds_rows_with_targets_on_the_mean
     assert ds8.psnr == pytest.approx(26.0) and ds8.ssim == pytest.approx(0.92) and ds8.consistency == pytest.approx(0.1)
     assert ds8.map_mae == pytest.approx((0.2, 0.3, 0.4, 0.5))
     assert ds8.seconds_cpu == pytest.approx(min(r.seconds_cpu for r in seed0 + seed1 if r.key == "proposed-ds8"))
-    md = render_seeds_table({0: seed0, 1: seed1}, META)
+    md = render_seeds_table({0: seed0, 1: seed1}, list(means.values()), META)
     assert "mean of 2 seeds" in md
     mean_part, seeds_part = md.split("## Per seed")
     assert {r[0].strip("*"): r for r in table_rows(mean_part)}["Proposed (ds 8)"][1:3] == ["26.00", "0.9200"]
