@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -43,14 +40,15 @@ import numpy as np
 import torch
 
 from benchmarks.figures import figure3, figure4
+from benchmarks.stamp import cpu_description, git_commit
 from benchmarks.report import METHODS, Row, mean_rows, render_seeds_table, render_table
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
 from training.baselines import baseline_config, clahe, enhance, parameter_count, produces_maps
-from training.evaluate import evaluate, fidelity, percentile_window, teacher_on_input
+from training.evaluate import evaluate, fidelity, percentile_window, teacher_reference
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSICAL = {"percentile-window": percentile_window, "teacher-on-input": teacher_on_input, "clahe": clahe}
+CLASSICAL = {"percentile-window": percentile_window, "teacher-on-input": teacher_reference, "clahe": clahe}
 CONSISTENCY_LEGEND = ("for each test anatomy with several perturbed acquisitions, the mean over pixels of the "
                       "standard deviation of the output across acquisitions divided by the same of the raw inputs, "
                       "averaged over anatomies (lower is more consistent; 1 = as inconsistent as the raw "
@@ -294,28 +292,6 @@ def figures_step(run: Run, checkpoints: dict[str, Path], rows: list[Row]) -> Non
     notes["raw"] = "consistency 1 (by definition)"
     figure4(run.out / "fig4.png", fig_rows, [it.id for it in acquisitions], row_notes=notes,
             title=f"Figure 4 ({run.mode.name} mode): perturbed acquisitions of the same test anatomies")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_description() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def run_all(run: Run, command: str) -> str:

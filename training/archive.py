@@ -234,7 +234,8 @@ def fit_maps(x: np.ndarray, y: np.ndarray, radius: int = FIT_RADIUS, eps: float 
     a = np.maximum(cov / (var + eps), 0.0)
     b = my - a * mx
     a, b = ndimage.uniform_filter(a, size), ndimage.uniform_filter(b, size)
-    return a.astype(np.float32), b.astype(np.float32)
+    # the running sums of the filter can leave -1e-13 where a was 0: a >= 0 keeps the LUT monotonic
+    return np.maximum(a, 0.0).astype(np.float32), b.astype(np.float32)
 
 
 def window_from_presentation(z: np.ndarray) -> tuple[float, float]:

@@ -7,7 +7,7 @@ For every row of the split (cached by training.archive):
   (A)    per-image percentile window: y = x, wc/ww from the 1st/99th percentiles of x over the
          whole image (ww = spread / 1.2, as the teacher's window).
   (B)    the teacher run on the (perturbed) input, with the anatomy mask it finds by itself
-         (training.teacher.find_anatomy_mask), as any classical pipeline must.
+         (model.anatomy.find_anatomy_mask), as any classical pipeline must.
 Metrics, all on the displayed presentation z in [0, 1], at full resolution:
   PSNR and SSIM against the target z (scikit-image, data_range=1.0); parameter-map MAE of the
   model's a, b, wc, ww against the ground truth at the model's resolution; and consistency:
@@ -34,7 +34,7 @@ from model.remap import downsample_image, remap
 from training.archive import Archive
 from training.baselines import enhance, produces_maps
 from training.errors import ArchiveError
-from training.teacher import TeacherParams, find_anatomy_mask, teacher
+from model.teacher import TeacherParams, teacher_on_input
 
 SSIM_MAX_SIDE = 0  # 0: SSIM at full resolution
 
@@ -48,12 +48,12 @@ def percentile_window(x: np.ndarray, params: TeacherParams = TeacherParams()) ->
     return remap(torch.from_numpy(x), 1.0, 0.0, wc, ww).z.numpy()
 
 
-def teacher_on_input(x: np.ndarray) -> np.ndarray:
+def teacher_reference(x: np.ndarray) -> np.ndarray:
     """Reference (B): the classical teacher with its own anatomy mask."""
-    return teacher(x, find_anatomy_mask(x)).remap(x)[1]
+    return teacher_on_input(x).remap(x)[1]
 
 
-REFERENCES = {"A: percentile window": percentile_window, "B: teacher on input": teacher_on_input}
+REFERENCES = {"A: percentile window": percentile_window, "B: teacher on input": teacher_reference}
 METHODS = ("model", *REFERENCES)
 
 

@@ -8,14 +8,23 @@ N0 photons per pixel at I0, and the "for presentation" image is the log signal
 
     x = x_air + s * (-log(I / I0))      (higher = more attenuation = brighter, as MONOCHROME2)
 
-Outside the collimator only scatter arrives: x ≈ x_col (a bright flat plateau). A lead marker
-(letter-shaped block) saturates near the top. Anatomies: chest, limb, hand, pelvis; the anatomy
-mask is body ∩ field minus the marker (direct-exposure air and collimation excluded).
+Outside the collimator only scatter arrives: x ≈ x_col (a bright flat plateau), reached
+through a blurred blade edge (the penumbra). A lead marker (letter-shaped block) saturates
+near the top. Anatomies: chest, limb, hand, pelvis; the anatomy mask is body ∩ field minus the
+marker (direct-exposure air and collimation excluded).
 
-Parameter ranges (drawn per phantom from the seed):
-  x_air 0.04–0.12, scale s so the thickest path lands at 0.45–0.65, x_col 0.6–0.75, x clipped at
-  0.8 (the detector's headroom, so acquisition gains > 1 still fit the stored range),
-  heel effect: I0 varies linearly by ±5–15 % along a random axis, N0 2e3–2e4 photons,
+Real radiographs are not smooth solids: every tissue carries structure (vessels, trabecular
+bone, overlapping soft tissue) at every scale, and lungs most. Each phantom's path length gets
+band-limited random structure (Gaussian-filtered noise at 1-2 % and 4-8 % of the image),
+stronger inside the lungs, so that a texture measure tells anatomy from direct exposure and
+collimation as it does on a real image.
+
+Parameter ranges (drawn per phantom from the seed), set from the real CR radiographs of
+pydicom-data (air 0.03-0.3, the densest anatomy near the top of the range, collimation a
+near-white plateau):
+  x_air 0.03–0.25, scale s so the thickest path lands at 0.6–0.92, x_col 0.85–1.0, penumbra
+  0.3–1.5 % of the shorter side, x clipped to [0, 1], structure 4–10 % of the body's mean path
+  (lungs 2.5x), heel effect: I0 varies linearly by ±5–15 % along a random axis, N0 2e3–2e4 photons,
   collimation margins 2–12 % per side, random rotation ±15°, size scale 0.8–1.1.
 """
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 ANATOMIES = ("chest", "limb", "hand", "pelvis")
 
@@ -138,6 +148,18 @@ def _marker(u, v, rng, field):
     return stem | foot
 
 
+def _structure(P: np.ndarray, body: np.ndarray, rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
+    """Band-limited random structure added to the path length inside the body (module docstring)."""
+    small = min(P.shape)
+    texture = np.zeros(P.shape, dtype=np.float32)
+    for frac, weight in ((rng.uniform(0.01, 0.02), 0.6), (rng.uniform(0.04, 0.08), 0.4)):
+        noise = ndimage.gaussian_filter(rng.standard_normal(P.shape).astype(np.float32), frac * small)
+        texture += weight * noise / max(float(noise.std()), 1e-9)
+    inside = P[body].mean() if body.any() else 1.0
+    amplitude = rng.uniform(0.04, 0.10) * inside * np.where(lungs, 2.5, 1.0)
+    return (amplitude * texture * body).astype(np.float32)
+
+
 def make_phantom(anatomy: str, rows: int, cols: int, seed: int) -> Phantom:
     """One phantom radiograph of `anatomy`, size rows×cols, fully determined by `seed`."""
     if anatomy not in SHAPES:
@@ -154,6 +176,7 @@ def make_phantom(anatomy: str, rows: int, cols: int, seed: int) -> Phantom:
     soft, bone, body = SHAPES[anatomy](u, v, rng)
     mu_soft, mu_bone = rng.uniform(2.0, 3.0), rng.uniform(1.2, 1.8)
     P = (mu_soft * soft + mu_bone * bone).astype(np.float32)
+    P = P + _structure(P, body, rng, lungs=(anatomy == "chest") & (soft < 0.3) & body)
 
     # collimation field (in image coordinates) and the lead marker inside it
     m = rng.uniform(0.02, 0.12, size=4)
@@ -169,12 +192,14 @@ def make_phantom(anatomy: str, rows: int, cols: int, seed: int) -> Phantom:
     counts = n0 * heel * np.exp(-P)
     counts = np.maximum(counts + np.sqrt(counts) * rng.standard_normal(counts.shape).astype(np.float32), 0.5)
     log_atten = -np.log(counts / n0)
-    x_air = rng.uniform(0.04, 0.12)
+    x_air = rng.uniform(0.03, 0.25)
     p_max = np.percentile(log_atten[body & in_field & ~marker], 99.5) if (body & in_field).any() else 4.0
-    s_scale = rng.uniform(0.45, 0.65) / max(p_max, 1e-3)
+    s_scale = (rng.uniform(0.6, 0.92) - x_air) / max(p_max, 1e-3)
     x = x_air + s_scale * log_atten
-    x_col = rng.uniform(0.6, 0.75)
-    x = np.where(in_field, x, x_col + 0.003 * rng.standard_normal(x.shape).astype(np.float32))
-    x = np.clip(x, 0.0, 0.8).astype(np.float32)
+    x_col = rng.uniform(0.85, 1.0)
+    penumbra = ndimage.gaussian_filter(in_field.astype(np.float32), rng.uniform(0.003, 0.015) * min(rows, cols))
+    plateau = x_col + 0.003 * rng.standard_normal(x.shape).astype(np.float32)
+    x = np.where(in_field, x * penumbra + plateau * (1 - penumbra), plateau)
+    x = np.clip(x, 0.0, 1.0).astype(np.float32)
     mask = body & in_field & ~marker
     return Phantom(x=x, mask=mask, anatomy=anatomy)

@@ -1,8 +1,11 @@
 """`dicom-node synth`: a synthetic annotated archive with exact ground truth (design.md format).
 
 For each anatomy (a Beer–Lambert phantom, plus the real radiographs of `pydicom-data`):
-  1. the teacher gives the target maps a, b, wc, ww on the clean image (true anatomy mask for
-     phantoms, the classical mask finder for real radiographs);
+  1. the teacher gives the target maps a, b, wc, ww on the clean image, with the anatomy mask
+     that model.anatomy finds in it, for phantoms as for real radiographs: the target is what
+     the classical pipeline makes of the clean acquisition, so it is reachable from the image
+     alone (the model computes the same teacher on its input as its prior) and the perturbed
+     acquisitions ask for consistency, not for knowledge of a mask no image carries;
   2. K acquisition perturbations x' = alpha x + beta are drawn (training.perturb), each written
      as a real DICOM file (CR or DX, 10–16 bits, some MONOCHROME1) with its exact maps
      a' = a / alpha, b' = b - a beta / alpha in a params .npz;
@@ -27,7 +30,8 @@ from dicom_node.writer import CR_STORAGE, DX_FOR_PROCESSING
 from model.remap import downsample_image
 from training.perturb import random_perturbation
 from training.phantoms import ANATOMIES, SIZES, make_phantom
-from training.teacher import find_anatomy_mask, teacher
+from model.anatomy import find_anatomy_mask
+from model.teacher import teacher
 
 PARAMS_FACTOR = 4
 REAL_RADIOGRAPHS = {"RG1_UNCR.dcm": "train", "RG3_UNCR.dcm": "test"}  # pydicom-data files, fixed splits
@@ -96,9 +100,11 @@ def phantom_size(anatomy: str, rng: np.random.Generator, max_size: int) -> tuple
     return max(32, int(rng.uniform(r0, r1) * f)), max(32, int(rng.uniform(c0, c1) * f))
 
 
-def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: tuple | None = None):
+def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: tuple | None = None,
+              real_split: str = "fixed"):
     """Yield the n phantom anatomies (chest, limb, hand, pelvis in turn) then the real ones;
-    with `only`, just those of these splits (the others are skipped, the rest unchanged)."""
+    with `only`, just those of these splits (the others are skipped, the rest unchanged).
+    real_split "fixed" puts the real radiographs in REAL_RADIOGRAPHS' splits, "train" all in train."""
     rng = np.random.default_rng([seed, 0])
     splits = assign_splits(n, rng)
     for i in range(n):
@@ -108,13 +114,14 @@ def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: 
         if only and splits[i] not in only:
             continue
         ph = make_phantom(kind, rows, cols, seed=phantom_seed)
-        yield Anatomy(f"{kind}-{i:04d}", i, ph.x, ph.mask, splits[i])
+        yield Anatomy(f"{kind}-{i:04d}", i, ph.x, find_anatomy_mask(ph.x), splits[i])
     if real:
         from pydicom.data import get_testdata_file
 
         from dicom_node.reader import load_dataset, read_radiograph
 
         for j, (name, split) in enumerate(REAL_RADIOGRAPHS.items()):
+            split = "train" if real_split == "train" else split
             path = get_testdata_file(name)
             if path is None or (only and split not in only):
                 continue
@@ -126,7 +133,8 @@ def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: 
 
 
 def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, max_size: int = 4096,
-               real: bool = True, make_zip: bool = False, progress=None, only: tuple | None = None) -> Path:
+               real: bool = True, make_zip: bool = False, progress=None, only: tuple | None = None,
+               real_split: str = "fixed") -> Path:
     """Write the archive; returns the folder (or the .zip when make_zip). `only` restricts it to
     the rows of some splits (e.g. a fresh test split), each row identical to the full archive's."""
     out = Path(out)
@@ -137,7 +145,9 @@ def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, ma
     (folder / "raw").mkdir(parents=True, exist_ok=True)
     (folder / "params").mkdir(parents=True, exist_ok=True)
     rows = []
-    for anatomy in anatomies(n, seed, max_size, real, only):
+    if real_split not in ("fixed", "train"):
+        raise ValueError(f"real_split must be 'fixed' or 'train', got {real_split!r}")
+    for anatomy in anatomies(n, seed, max_size, real, only, real_split):
         maps = teacher(anatomy.x, anatomy.mask)
         rng = np.random.default_rng([seed, 1, sum(map(ord, anatomy.name)), anatomy.index * perturbations])
         for k in range(perturbations):
