@@ -30,37 +30,58 @@ def output_path(out_dir: Path, ds) -> Path:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--parametric-map", "parametric_map", is_flag=True,
               help="Also write the maps a, b, wc, ww as a DICOM Parametric Map next to each enhanced file.")
-def enhance(paths, out_dir, mode, weights, device, parametric_map):
-    """Enhance DICOM radiographs in PATHS (files or folders) into --out."""
+@click.option("--enhance", "enhance_entries", multiple=True, default=("CR", "DX"), show_default=True,
+              help="Modalities (CR, DX) or SOP Class UIDs that are enhanced, as [model] enhance; repeatable.")
+@click.option("--any-modality", is_flag=True, help="Enhance every monochrome image, whatever its SOP class.")
+@click.option("--max-burnt-out", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Window guard, as [model] max_burnt_out (0 = off).")
+def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entries, any_modality, max_burnt_out):
+    """Enhance DICOM radiographs in PATHS (files or folders) into --out, by the node's rule: only
+    the SOP classes of --enhance (CR and DX), never an instance dicom-node derived itself."""
     from tqdm import tqdm
 
     from dicom_node.enhancer import Enhancer
     from dicom_node.errors import UnsupportedImage
     from dicom_node.reader import load_dataset
+    from dicom_node.writer import enhanced_classes, is_derived_by_us
 
+    classes = enhanced_classes(tuple(enhance_entries))
     try:
-        enhancer = Enhancer(weights, device=device, mode=mode)
+        enhancer = Enhancer(weights, device=device, mode=mode, max_burnt_out=max_burnt_out)
         enhancer.predictor.checkpoint  # load now: a bad checkpoint is one error, not one per file
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = list(iter_inputs(paths))
-    done, failures = 0, []
+    done, failures, skipped, guarded = 0, [], [], []
     for path in tqdm(files, desc="enhancing", unit="image", disable=None):
         try:
             source = load_dataset(path)
+            if not any_modality and str(source.get("SOPClassUID", "")) not in classes:
+                skipped.append((path, f"{source.get('Modality', '?')} ({getattr(source.get('SOPClassUID'), 'name', '?')}) "
+                                      "is not enhanced (--enhance); --any-modality to enhance it anyway"))
+                continue
+            if is_derived_by_us(source):
+                skipped.append((path, "derived by dicom-node already"))
+                continue
             derived, prediction = enhancer.enhance_with_prediction(source)
         except UnsupportedImage as exc:
             failures.append((path, str(exc)))
             continue
+        if prediction.guard:
+            guarded.append((path, prediction.guard.describe()))
         derived.save_as(output_path(out, derived), enforce_file_format=True)
         if parametric_map:
             maps = enhancer.parametric_map(source, prediction)
             maps.save_as(output_path(out, maps), enforce_file_format=True)
         done += 1
-    for path, reason in failures:
+    for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
-    click.echo(f"{done} enhanced, {len(failures)} failed, written to {out}")
+    for path, note in guarded:
+        click.echo(f"guarded {path}: {note}", err=True)
+    for path, reason in failures:
+        click.echo(f"failed {path}: {reason}", err=True)
+    click.echo(f"{done} enhanced, {len(skipped)} skipped, {len(failures)} failed, written to {out}")
     if failures:
         raise SystemExit(1)

@@ -33,7 +33,7 @@ from dicom_node.forwarder import Item, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.logs import configure_logging
 from dicom_node.spool import Spool, write_atomic
-from dicom_node.writer import SOP_CLASSES_BY_MODALITY
+from dicom_node.writer import enhanced_classes
 
 log = structlog.get_logger("dicom_node.worker")
 
@@ -46,14 +46,6 @@ WORKER_NICENESS = 5
 #: Tries of the model on one image before its original is forwarded without enhancement.
 ENHANCE_ATTEMPTS = 3
 
-
-
-def enhanced_classes(entries: tuple[str, ...]) -> frozenset[str]:
-    """[model] enhance entries (CR, DX or SOP Class UIDs) as SOP Class UIDs."""
-    uids: set[str] = set()
-    for entry in entries:
-        uids.update(SOP_CLASSES_BY_MODALITY.get(entry.upper(), (entry,)))
-    return frozenset(uids)
 
 
 def backoff_seconds(attempt: int, retry: RetrySettings, rng: random.Random = random) -> float:
@@ -217,13 +209,13 @@ class Worker:
             head = dcmread(path, stop_before_pixels=True)
         else:
             started = time.perf_counter()
+            head, prediction = self.enhancer.enhance_with_prediction(ds)
             if wants_maps:
-                head, prediction = self.enhancer.enhance_with_prediction(ds)
                 maps = self.enhancer.parametric_map(ds, prediction)
                 write_atomic(self.maps_path(job.id), lambda f: maps.save_as(f, enforce_file_format=True))
-            else:
-                head = self.enhancer.enhance(ds)
             write_atomic(path, lambda f: head.save_as(f, enforce_file_format=True))
+            if prediction.guard:
+                log.warning("window guard", derived_uid=str(head.SOPInstanceUID), detail=prediction.guard.describe())
             log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
                      seconds=round(time.perf_counter() - started, 3))
         return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
@@ -296,7 +288,8 @@ def _load_enhancer(config: Config):
     from dicom_node.writer import is_derived_by_us
 
     started = time.perf_counter()
-    enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode)
+    enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
+                        max_burnt_out=config.model.max_burnt_out)
     log.info("model loaded", weights=str(config.model.weights), device=config.model.device,
              mode=config.model.mode, seconds=round(time.perf_counter() - started, 2))
     return enhancer, is_derived_by_us

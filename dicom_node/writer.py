@@ -24,6 +24,17 @@ REQUIRES_RESCALE = {DX_FOR_PRESENTATION, DX_FOR_PROCESSING,
                     "1.2.840.10008.5.1.4.1.1.1.3", "1.2.840.10008.5.1.4.1.1.1.3.1"}  # IO
 #: The classes meant by the modality names of [model] enhance and of synthetic archives.
 SOP_CLASSES_BY_MODALITY = {"CR": (CR_STORAGE,), "DX": (DX_FOR_PRESENTATION, DX_FOR_PROCESSING)}
+
+
+def enhanced_classes(entries: tuple[str, ...]) -> frozenset[str]:
+    """[model] enhance entries (CR, DX or SOP Class UIDs) as SOP Class UIDs: the node's rule for
+    what is enhanced (everything else passes through), shared by the worker and `enhance`."""
+    uids: set[str] = set()
+    for entry in entries:
+        uids.update(SOP_CLASSES_BY_MODALITY.get(entry.upper(), (entry,)))
+    return frozenset(uids)
+
+
 FOR_PROCESSING_TO_PRESENTATION = {
     DX_FOR_PROCESSING: DX_FOR_PRESENTATION,
     "1.2.840.10008.5.1.4.1.1.1.2.1": "1.2.840.10008.5.1.4.1.1.1.2",
@@ -109,12 +120,14 @@ def derive_instance(
     stamp: ModelStamp,
     mode: str = "voi",
     z: np.ndarray | None = None,
+    guard_note: str | None = None,
 ) -> Dataset:
     """The new derived instance of an enhanced radiograph.
 
     y: regional-LUT output in [0, 1]; window: aggregate (wc, ww) on [0, 1]; z: per-pixel window
-    output, needed for mode "burn-in". Patient, study and equipment identity are kept; pixel
-    encoding, UIDs, image type and presentation are new.
+    output, needed for mode "burn-in"; guard_note: what the window guard changed, if it did (in
+    the Derivation Description and the private block). Patient, study and equipment identity are
+    kept; pixel encoding, UIDs, image type and presentation are new.
     """
     _validate(source, y, window, z, mode)
     ds = Dataset()
@@ -139,6 +152,8 @@ def derive_instance(
     old_type = list(source.get("ImageType", [])) if source.get("ImageType") else []
     ds.ImageType = ["DERIVED", "PRIMARY" if sop_class in REQUIRES_RESCALE else "SECONDARY"] + old_type[2:]
     ds.DerivationDescription = f"{DERIVATION_PREFIX}; model {stamp.name} sha256:{stamp.identity}; mode {mode}"
+    if guard_note:
+        ds.DerivationDescription += f"; {guard_note}"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -154,8 +169,11 @@ def derive_instance(
     ds.PixelRepresentation = 0
     ds.PixelData = _to_uint16(y if mode == "voi" else z)
     ds["PixelData"].VR = "OW"
-    if sop_class in REQUIRES_RESCALE:  # identity Modality LUT where the IOD requires one
+    if sop_class in REQUIRES_RESCALE or ("RescaleSlope" in source and "RescaleIntercept" in source):
+        # an identity Modality LUT where the IOD requires one (DX, CT, ...): the stored values
+        # are the presentation's, in no physical unit
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+    if sop_class in REQUIRES_RESCALE:
         ds.PixelIntensityRelationshipSign = -1  # higher value = less beam intensity = brighter
         ds.PresentationLUTShape = "IDENTITY"  # DX: MONOCHROME2 is shown as stored (PS3.3 C.8.11.3.1.2)
     lossy = source.get("LossyImageCompression") == "01" or source.file_meta.get("TransferSyntaxUID") in _LOSSY_SYNTAXES
@@ -176,6 +194,8 @@ def derive_instance(
     block.add_new(0x01, "LO", stamp.name[:64])
     block.add_new(0x02, "LO", stamp.identity[:64])
     block.add_new(0x03, "CS", mode.upper().replace("-", "_"))
+    if guard_note:
+        block.add_new(0x04, "LO", guard_note[:64])
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID

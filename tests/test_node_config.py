@@ -9,7 +9,8 @@ import pytest
 from dicom_node.config import DicomDestination, FolderDestination, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.forwarder import classify_status
-from dicom_node.worker import backoff_seconds, enhanced_classes
+from dicom_node.worker import backoff_seconds
+from dicom_node.writer import enhanced_classes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,7 @@ def test_the_shipped_config_is_a_working_default():
     assert config.spool.dir == REPO / "var" / "spool"
     assert config.model.weights == REPO / "model" / "weights" / "default.pt"
     assert config.model.enhance == ("CR", "DX") and config.model.forward_original is True
+    assert config.model.max_burnt_out == 0.02  # the window guard is on
     assert config.destinations == (FolderDestination(name="archive", path=REPO / "var" / "outbox"),)
     assert config.logging.format == "auto"
 
@@ -72,6 +74,8 @@ port = 104
     ("[model]\nmode = \"paint\"\n", "[model] mode must be one of voi, burn-in, got 'paint'"),
     ("[model]\nenhance = [\"CT\"]\n", "[model] enhance entries must be CR, DX or a SOP Class UID"),
     ("[model]\nforward_original = \"yes\"\n", "[model] forward_original must be true or false"),
+    ("[model]\nmax_burnt_out = 1.5\n", "[model] max_burnt_out must be within [0, 1) (0 turns it off), got 1.5"),
+    ("[model]\nmax_burnt_out = \"off\"\n", "[model] max_burnt_out must be a number"),
     ("[node]\nae_title = \"MUCH_TOO_LONG_AE_TITLE\"\n", "[node] ae_title must be at most 16 characters"),
     ("[logging]\nformat = \"xml\"\n", "[logging] format must be one of auto, json, console"),
     ("[retry]\ninitial_seconds = 10\nmax_seconds = 5\n", "[retry] max_seconds must be at least"),

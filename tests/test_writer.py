@@ -101,7 +101,8 @@ def _dciodvfy_errors(path) -> set[str]:
     return {re.sub(r"^Error - ", "", line.strip()) for line in lines if line.strip().startswith("Error")}
 
 
-@pytest.mark.parametrize("source_name", ["RG1_UNCR.dcm", "RG3_J2KR.dcm", "phantom-DX", "phantom-CR-MONOCHROME1"])
+@pytest.mark.parametrize("source_name", ["RG1_UNCR.dcm", "RG3_J2KR.dcm", "phantom-DX", "phantom-CR-MONOCHROME1",
+                                         "CT_small.dcm", "MR_small.dcm"])
 @pytest.mark.parametrize("mode", ["voi", "burn-in"])
 def test_dciodvfy_finds_no_error_the_source_did_not_have(weights, tmp_path, source_name, mode):
     if shutil.which("dciodvfy") is None and not os.environ.get("CI"):
