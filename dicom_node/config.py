@@ -41,6 +41,7 @@ class ModelSettings:
     enhance: tuple[str, ...] = ("CR", "DX")
     forward_original: bool = True
     parametric_map: bool = False  # also send the maps a, b, wc, ww as a DICOM Parametric Map
+    max_burnt_out: float = 0.02  # window guard: widen the window where more of the anatomy would burn out (0 = off)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,13 @@ def _check_ae_title(value: str, fail) -> None:
         fail(f"must be printable ASCII without backslash, got {value!r}")
 
 
+def _fraction(section: _Section, key: str, default: float) -> float:
+    value = section.number(key, default, positive=False)
+    if not 0 <= value < 1:
+        section.fail(key, f"must be within [0, 1) (0 turns it off), got {value!r}")
+    return value
+
+
 _MODALITY_NAMES = ("CR", "DX")  # names accepted in [model] enhance besides SOP Class UIDs
 
 
@@ -223,7 +231,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     spool = SpoolSettings(dir=s.path("dir", "var/spool", base))
 
     s = _Section(source, "model", raw.get("model", {}),
-                 {"weights", "device", "mode", "enhance", "forward_original", "parametric_map"})
+                 {"weights", "device", "mode", "enhance", "forward_original", "parametric_map", "max_burnt_out"})
     device = s.string("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()):
@@ -235,6 +243,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         enhance=_enhance_entries(s),
         forward_original=s.boolean("forward_original", True),
         parametric_map=s.boolean("parametric_map", False),
+        max_burnt_out=_fraction(s, "max_burnt_out", 0.02),
     )
 
     s = _Section(source, "retry", raw.get("retry", {}),

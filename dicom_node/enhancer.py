@@ -18,11 +18,11 @@ SOURCE_IDENTITY = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyI
 class Enhancer:
     """Loads the model once (lazily) and enhances one dataset at a time."""
 
-    def __init__(self, weights: str | Path, device: str = "auto", mode: str = "voi"):
+    def __init__(self, weights: str | Path, device: str = "auto", mode: str = "voi", max_burnt_out: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.predictor = Predictor(weights, device)
+        self.predictor = Predictor(weights, device, max_burnt_out=max_burnt_out)
 
     @property
     def stamp(self) -> ModelStamp:
@@ -48,6 +48,7 @@ class Enhancer:
             window=prediction.window,
             stamp=self.stamp,
             mode=self.mode,
+            guard_note=prediction.guard.describe() if prediction.guard else None,
         )
         return derived, prediction
 

@@ -5,7 +5,7 @@ shared `remap` so inference computes exactly what training optimised.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.net import MAP_NAMES, mirror_averaged
-from model.remap import downsample_image, remap, sigmoid_window, upsample_maps
+from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, window_guard
 
 
 def resolve_device(device: str) -> torch.device:
@@ -27,6 +27,21 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+@dataclass(frozen=True)
+class Guarded:
+    """What the window guard did: the anatomy's burnt-out fraction before and after, and the
+    widening (wc' = wc + shift * ww, ww' = scale * ww)."""
+
+    burnt_before: float
+    burnt_after: float
+    shift: float
+    scale: float
+
+    def describe(self) -> str:
+        return (f"window guard: widened x{self.scale:.2f}, shifted {self.shift:+.2f} ww "
+                f"(burnt-out anatomy {100 * self.burnt_before:.1f} % -> {100 * self.burnt_after:.1f} %)")
+
+
 @dataclass
 class Prediction:
     """The enhancement of one image: y and z at full resolution, the maps at low resolution."""
@@ -37,6 +52,7 @@ class Prediction:
     maps: torch.Tensor  # (4, h, w) a, b, wc, ww at the model's resolution
     downsample: int
     window: tuple[float, float]  # robust aggregate (wc, ww) over the image
+    guard: Guarded | None = None  # set when the window guard widened the window
 
     def full_maps(self) -> dict[str, np.ndarray]:
         """a, b, wc, ww upsampled to full resolution (as the remap used them)."""
@@ -54,9 +70,19 @@ def aggregate_window(maps: torch.Tensor) -> tuple[float, float]:
 
 
 class Predictor:
-    def __init__(self, weights: str | Path, device: str = "auto"):
+    """pre_process -> predict -> post_process, then the window guard.
+
+    max_burnt_out (0 = off): the window guard. Where the presentation would show more than this
+    fraction of the anatomy (model.anatomy's mask) pure white or black, the window is widened per
+    image, as little as that takes (model.remap.window_guard). It is a seat belt for anatomy the
+    model never saw, recorded in the Prediction; the model itself is meant not to need it."""
+
+    def __init__(self, weights: str | Path, device: str = "auto", max_burnt_out: float = 0.0):
+        if not 0 <= max_burnt_out < 1:
+            raise ValueError(f"max_burnt_out must be within [0, 1), got {max_burnt_out!r}")
         self.weights = Path(weights)
         self.device = resolve_device(device)
+        self.max_burnt_out = max_burnt_out
         self._checkpoint: Checkpoint | None = None
 
     @property
@@ -91,5 +117,37 @@ class Predictor:
         return Prediction(x=x, y=y, z=z if want_z else None, maps=maps, downsample=ds, window=aggregate_window(maps))
 
     def __call__(self, x: np.ndarray, want_z: bool = True) -> Prediction:
+        """want_z: the per-pixel window's presentation (burn-in) is computed, and guarded; else the
+        aggregate window's (voi)."""
         xt = self.pre_process(x)
-        return self.post_process(xt, self.predict(xt), want_z=want_z)
+        prediction = self.post_process(xt, self.predict(xt), want_z=want_z)
+        if self.max_burnt_out:
+            prediction = self.guarded(prediction, x, per_pixel=want_z)
+        return prediction
+
+    @torch.inference_mode()
+    def guarded(self, p: Prediction, x: np.ndarray, per_pixel: bool) -> Prediction:
+        """The prediction with its window widened where the presentation would burn out more of
+        the anatomy than max_burnt_out (class docstring)."""
+        from model.anatomy import find_anatomy_mask
+
+        body = torch.from_numpy(find_anatomy_mask(x)).to(p.y.device)
+        if per_pixel:
+            full = upsample_maps(p.maps[None, 2:], tuple(p.y.shape), p.downsample)[0]
+            u = ((p.y - full[0]) / full[1])[body]
+        else:
+            u = (p.y[body] - p.window[0]) / p.window[1]
+        burnt = float((u.abs() > SATURATION_REACH).float().mean()) if u.numel() else 0.0
+        if burnt <= self.max_burnt_out:
+            return p
+        shift, scale = window_guard(u, self.max_burnt_out)
+        after = float((((u - shift) / scale).abs() > SATURATION_REACH).float().mean())
+        guard = Guarded(burnt_before=burnt, burnt_after=after, shift=shift, scale=scale)
+        if per_pixel:
+            maps = p.maps.clone()
+            maps[2] = (p.maps[2] + shift * p.maps[3]).clamp(0.0, 1.0)
+            maps[3] = p.maps[3] * scale
+            full = upsample_maps(maps[None, 2:], tuple(p.y.shape), p.downsample)[0]
+            return replace(p, maps=maps, z=sigmoid_window(p.y, full[0], full[1]), window=aggregate_window(maps), guard=guard)
+        wc, ww = p.window
+        return replace(p, window=(min(max(wc + shift * ww, 0.0), 1.0), ww * scale), guard=guard)

@@ -9,6 +9,7 @@ the tests call these functions; nothing else re-implements them.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -142,3 +143,31 @@ def _remap_in_bands(x4, values, maps, downsample: int, want_z: bool):
         if want_z:
             z[0, 0, rows] = sigmoid_window(y_band, band_maps[2], band_maps[3])
     return y, z
+
+
+# z leaves (0.02, 0.98) where |y - wc| > SATURATION_REACH * ww, i.e. 4 |y - wc| / ww > ln(49)
+SATURATION_REACH = math.log(49) / 4
+
+
+def window_guard(u: torch.Tensor, max_burnt_out: float, margin: float = 1.02) -> tuple[float, float]:
+    """The least widening of a SIGMOID window that keeps at most `max_burnt_out` of the pixels out
+    of saturation, as (shift, scale): wc' = wc + shift * ww, ww' = scale * ww.
+
+    u: (y - wc) / ww of the pixels that matter (the anatomy), under the window as it is; a pixel
+    is shown pure white or black where |u| > SATURATION_REACH. The window is scaled by the least
+    factor >= 1 that fits the central 1 - max_burnt_out of u (with a 2 % margin), then shifted by
+    the least amount that centres that range inside it. (0, 1) when nothing needs to change.
+    """
+    if not 0 < max_burnt_out < 1:
+        raise ValueError(f"max_burnt_out must be within (0, 1), got {max_burnt_out!r}")
+    u = u.flatten().float()
+    if u.numel() == 0:
+        return 0.0, 1.0
+    if u.numel() > 400_000:
+        u = u[:: u.numel() // 400_000 + 1]
+    lo, hi = torch.quantile(u, torch.tensor([max_burnt_out / 2, 1 - max_burnt_out / 2], dtype=u.dtype)).tolist()
+    reach = SATURATION_REACH / margin
+    scale = max(1.0, (hi - lo) / (2 * reach))
+    low_shift, high_shift = hi - reach * scale, lo + reach * scale  # shifts that keep [lo, hi] inside
+    shift = min(max(0.0, low_shift), high_shift)
+    return float(shift), float(scale)
