@@ -3,17 +3,15 @@
 The method is interpretable because every pixel has its own monotonic LUT, given by the maps
 a, b, wc, ww. This command shows them: a PNG report with the raw image under its own default
 window, the enhanced image (per-pixel window as `burn-in` writes it, and the aggregate SIGMOID
-window a viewer applies to `voi` output), the four maps with colour bars and units, and the LUT
-curves x -> z at three automatically chosen points; plus a JSON with the numbers.
+window a viewer applies to `voi` output), a panel that marks the anatomy shown pure white or
+pure black, the four maps with colour bars and units, and the LUT curves x -> z at three
+automatically chosen points; plus a JSON with the numbers. Coordinates are (row, col) of the
+full-resolution image.
 
-The points are chosen from intensity alone, not by segmentation, on the image at the model's
-resolution and away from a 10 % border (collimation, burnt-in labels): "dark: lung/air" and
-"mid: soft tissue" are the most homogeneous spots near the 3rd and 50th percentile of x,
-"bright: bone" the spot among the brightest quarter that stands out most above its surroundings
-(bone is brighter than its neighbourhood; a large bright area is dense soft tissue), keeping
-away from the brightest plateau (collimation, where the field is collimated). In chest and
-skeletal radiographs they land in the tissue the label names; in any image they are a dark, a
-middle and a locally bright spot, which is what the curves need.
+The points fit any anatomy: inside the anatomy mask (model.anatomy: collimation, direct
+exposure and markers left out), at the model's resolution, the most homogeneous spots near the
+2nd, 50th and 98th percentile of x: the darkest, middle and brightest tissue of this image
+(lung, soft tissue and bone on a chest; soft tissue, bone and dense bone on a limb).
 """
 from __future__ import annotations
 
@@ -30,10 +28,8 @@ MAP_UNITS = {  # what each map means, for the colour bars
     "wc": "wc: window centre  [fraction of the output range]",
     "ww": "ww: window width  [fraction of the output range]",
 }
-POINTS = (("dark: lung/air", 3.0), ("mid: soft tissue", 50.0), ("bright: bone", 75.0))
+POINTS = (("darkest tissue", 2.0), ("middle tissue", 50.0), ("brightest tissue", 98.0))
 POINT_COLOURS = ("tab:cyan", "tab:orange", "tab:red")
-BORDER = 0.10  # fraction of each side left out when choosing points (collimation, labels)
-PLATEAU_MARGIN = 0.08  # fraction of the image kept clear around the brightest plateau
 
 
 @dataclass
@@ -68,8 +64,9 @@ def map_statistics(maps) -> dict[str, dict[str, float]]:
     return stats
 
 
-def choose_points(x, downsample: int) -> list[tuple[str, int, int]]:
-    """(label, row, col) of a dark, a mid and a bright spot (see the module docstring)."""
+def choose_points(x, downsample: int, body) -> list[tuple[str, int, int]]:
+    """(label, row, col) of the darkest, middle and brightest tissue (module docstring); body is
+    the full-resolution anatomy mask."""
     import torch
     import torch.nn.functional as F
 
@@ -78,43 +75,34 @@ def choose_points(x, downsample: int) -> list[tuple[str, int, int]]:
     low = downsample_image(x, downsample)  # (1, 1, h, w), the model's view of the image
     mean = F.avg_pool2d(low, 3, stride=1, padding=1, count_include_pad=False)
     var = (F.avg_pool2d(low * low, 3, stride=1, padding=1, count_include_pad=False) - mean * mean).clamp_min(0)
-    background = F.avg_pool2d(low, 15, stride=1, padding=7, count_include_pad=False)
-    mean, var, background = mean[0, 0], var[0, 0], background[0, 0]
-    h, w = mean.shape
-    inside = torch.zeros_like(mean, dtype=torch.bool)
-    r0, c0 = int(h * BORDER), int(w * BORDER)
-    inside[r0:max(h - r0, r0 + 1), c0:max(w - c0, c0 + 1)] = True
-    # The exposed field: not on or within 8 % of the image of the brightest plateau, which is
-    # collimation (unexposed) where the image has one, with its penumbra. Without collimation
-    # this only drops the surroundings of the brightest spot.
-    top = float(mean[inside].max())
-    spread = float(mean[inside].max() - mean[inside].min()) or 1.0
-    plateau = (mean >= top - 0.03 * spread).float()[None, None]
-    reach = max(5, round(PLATEAU_MARGIN * max(h, w)))  # the collimator's penumbra is a wide ramp
-    field = inside & ~(F.max_pool2d(plateau, 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0)
+    mean, var = mean[0, 0], var[0, 0]
+    inside = downsample_image(torch.as_tensor(body, dtype=torch.float32, device=x.device), downsample)[0, 0]
+    field = -F.max_pool2d(-inside[None, None], 3, stride=1, padding=1)[0, 0] > 0.99  # wholly anatomy, with its neighbours
     if int(field.sum()) < 16:
-        field = inside
+        field = torch.ones_like(field)
     values = mean[field].double()
+    spread = float(values.max() - values.min()) or 1.0
     never = torch.full_like(mean, float("inf"))
-    costs = {}
-    for label, q in POINTS[:2]:
-        # Dark and mid: within 2 % of the range of the percentile, the most homogeneous spot.
+    chosen = []
+    for label, q in POINTS:
         target = float(torch.quantile(values, q / 100.0))
         near = field & ((mean - target).abs() <= 0.02 * spread)
-        costs[label] = torch.where(near, var, never) if near.any() else torch.where(field, (mean - target).abs(), never)
-    # Bright: bone is brighter than what surrounds it (a large flat bright area is soft tissue),
-    # so among the brightest quarter of the field the spot that stands out most from its
-    # neighbourhood.
-    label, q = POINTS[2]
-    bright = field & (mean >= float(torch.quantile(values, q / 100.0)))
-    costs[label] = torch.where(bright, background - mean, never)
-    chosen = []
-    for label, _ in POINTS:
-        i, j = divmod(int(costs[label].argmin()), w)
+        cost = torch.where(near, var, never) if near.any() else torch.where(field, (mean - target).abs(), never)
+        i, j = divmod(int(cost.argmin()), mean.shape[1])
         row = min(i * downsample + (downsample - 1) // 2, x.shape[-2] - 1)
         col = min(j * downsample + (downsample - 1) // 2, x.shape[-1] - 1)
         chosen.append((label, row, col))
     return chosen
+
+
+def burnt_out_overlay(display: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """RGB of the display with the anatomy shown pure white (> 0.98) in red and pure black
+    (< 0.02) in blue, and everything outside the anatomy dimmed."""
+    rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
+    rgb[~body] *= 0.35
+    rgb[body & (display > 0.98)] = (1.0, 0.1, 0.1)
+    rgb[body & (display < 0.02)] = (0.1, 0.3, 1.0)
+    return rgb
 
 
 def lut_curve(a: float, b: float, wc: float, ww: float, n: int = 257):
@@ -147,6 +135,13 @@ def raw_display(ds) -> tuple[np.ndarray, dict, str]:
     return values, {"cmap": cmap, "vmin": float(lo), "vmax": float(hi)}, "no window in the file: 0.5-99.5 percentile"
 
 
+def _pixel_axes(ax) -> None:
+    """Axes in full-resolution pixels, labelled as (row, col) are read."""
+    ax.set_xlabel("col", fontsize=9)
+    ax.set_ylabel("row", fontsize=9)
+    ax.tick_params(labelsize=8)
+
+
 def _for_display(image: np.ndarray, limit: int = 1024) -> np.ndarray:
     """Area-downsampled copy for the figure (the figure is ~1000 pixels wide anyway)."""
     import torch
@@ -170,20 +165,25 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
     from dicom_node.reader import load_dataset, read_radiograph
     from model.net import MAP_NAMES
 
+    from model.anatomy import find_anatomy_mask
+
     ds = load_dataset(path)
     x = read_radiograph(ds)
+    body = find_anatomy_mask(x)
     prediction = predictor(x, want_z=True)
     full = prediction.full_maps()
     y, z, z_voi = (t.cpu().numpy() for t in (prediction.y, prediction.z, prediction.z_aggregate()))
+    burnt = {name: {"white": float((shown[body] > 0.98).mean()), "black": float((shown[body] < 0.02).mean())}
+             for name, shown in (("burn-in", z), ("voi", z_voi))}
     points = []
-    for label, row, col in choose_points(prediction.x, prediction.downsample):
+    for label, row, col in choose_points(prediction.x, prediction.downsample, body):
         points.append(Point(label=label, row=row, col=col, x=float(x[row, col]), **{n: float(full[n][row, col]) for n in MAP_NAMES},
                             y=float(y[row, col]), z=float(z[row, col])))
     wc, ww = prediction.window
     rows, cols = x.shape
     extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)  # full-resolution pixel coordinates on every panel
 
-    fig, axes = plt.subplots(2, 4, figsize=(22, 11.5), layout="constrained")
+    fig, axes = plt.subplots(2, 5, figsize=(27, 11.5), layout="constrained")
     raw, raw_kwargs, raw_note = raw_display(ds)
     panels = (
         (axes[0, 0], raw, raw_kwargs, f"raw ({raw_note})"),
@@ -193,13 +193,20 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
     for ax, image, kwargs, title in panels:
         ax.imshow(_for_display(image), extent=extent, interpolation="antialiased", **kwargs)
         ax.set_title(title, fontsize=11)
-        ax.set_axis_off()
+        _pixel_axes(ax)
         for point, colour in zip(points, POINT_COLOURS):
             ax.plot(point.col, point.row, "o", markersize=11, markerfacecolor="none", markeredgecolor=colour, markeredgewidth=2.5)
-    curves = axes[0, 3]
+    overlay = axes[0, 3]
+    voi_burnt = burnt["voi"]
+    overlay.imshow(np.stack([_for_display(c) for c in np.moveaxis(burnt_out_overlay(z_voi, body), 2, 0)], axis=2),
+                   extent=extent, interpolation="antialiased")
+    overlay.set_title(f"burnt-out anatomy (voi, as viewed): white {100 * voi_burnt['white']:.1f} % (red), "
+                      f"black {100 * voi_burnt['black']:.1f} % (blue)\noutside the anatomy mask dimmed", fontsize=11)
+    _pixel_axes(overlay)
+    curves = axes[0, 4]
     for point, colour in zip(points, POINT_COLOURS):
         xs, zs = lut_curve(point.a, point.b, point.wc, point.ww)
-        curves.plot(xs, zs, color=colour, label=f"{point.label} ({point.row}, {point.col})")
+        curves.plot(xs, zs, color=colour, label=f"{point.label} (row {point.row}, col {point.col})")
         curves.plot(point.x, point.z, "o", color=colour, markeredgecolor="black", markersize=8, zorder=5)
     curves.plot([0, 1], [0, 1], ":", color="grey", linewidth=1, label="identity")
     curves.set(xlim=(0, 1), ylim=(0, 1), xlabel="input x (normalised, higher = brighter)", ylabel="displayed z",
@@ -215,10 +222,17 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_title(f"map {name} (1/{prediction.downsample} resolution, {h}×{w})", fontsize=11)
-        ax.set_axis_off()
+        _pixel_axes(ax)
         fig.colorbar(shown, ax=ax, shrink=0.85).set_label(MAP_UNITS[name])
         for point, colour in zip(points, POINT_COLOURS):
             ax.plot(point.col, point.row, "o", markersize=9, markerfacecolor="none", markeredgecolor=colour, markeredgewidth=2)
+    notes = axes[1, 4]
+    notes.set_axis_off()
+    lines = []
+    for p in points:
+        lines += [f"{p.label} (row {p.row}, col {p.col}):", f"  x {p.x:.3f}  a {p.a:.2f}  b {p.b:+.3f}",
+                  f"  wc {p.wc:.3f}  ww {p.ww:.3f}  ->  z {p.z:.3f}", ""]
+    notes.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=11, transform=notes.transAxes)
     fig.suptitle(f"{Path(path).name} — model {predictor.name}: y = clip(a·x + b, 0, 1), z = 1 / (1 + exp(−4 (y − wc) / ww))", fontsize=13)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +248,9 @@ def explain_file(path: Path, predictor, out_dir: Path) -> tuple[Path, Path]:
                    "window_center_tag": 65535.0 * wc, "window_width_tag": 65535.0 * ww},
         "maps": {"resolution": [h, w], "statistics": map_statistics(prediction.maps)},
         "points": [asdict(p) for p in points],
+        "burnt_out": {"definition": "fraction of the anatomy (model.anatomy mask) shown > 0.98 (white) or < 0.02 (black)",
+                      **burnt},
+        "coordinates": "(row, col) of the full-resolution image",
         "formula": "y = clip(a*x + b, 0, 1); z = 1 / (1 + exp(-4 * (y - wc) / ww)); display 65535 * z",
         "png": png.name,
     }

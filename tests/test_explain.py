@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from dicom_node.cli import main
 from dicom_node.reader import load_dataset, read_radiograph
+from model.anatomy import find_anatomy_mask
 from model.net import MAP_NAMES
 from model.predictor import Predictor
 from model.remap import remap
@@ -51,11 +52,17 @@ def test_explain_on_rg1_writes_the_png_and_json_whose_numbers_match_the_predicto
         assert stats["p95"] == pytest.approx(np.percentile(values, 95), rel=1e-9)
     assert summary["maps"]["statistics"]["wc"]["median"] == summary["window"]["wc"]
 
+    body = find_anatomy_mask(x)
+    shown = prediction.z_aggregate().numpy()
+    assert summary["burnt_out"]["voi"] == {"white": float((shown[body] > 0.98).mean()), "black": float((shown[body] < 0.02).mean())}
+    assert summary["coordinates"] == "(row, col) of the full-resolution image"
+
     full = prediction.full_maps()
     y, z = prediction.y.numpy(), prediction.z.numpy()
     points = summary["points"]
-    assert [p["label"].split(":")[0] for p in points] == ["dark", "mid", "bright"]
+    assert [p["label"] for p in points] == ["darkest tissue", "middle tissue", "brightest tissue"]
     assert points[0]["x"] < points[1]["x"] < points[2]["x"]
+    assert all(body[p["row"], p["col"]] for p in points)  # tissue, not collimation or air
     for p in points:
         r, c = p["row"], p["col"]
         assert p["x"] == float(x[r, c]) and p["y"] == float(y[r, c]) and p["z"] == float(z[r, c])
