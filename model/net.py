@@ -29,9 +29,14 @@ import torch.nn.functional as F
 
 MAP_NAMES = ("a", "b", "wc", "ww")
 ARCHITECTURES = ("interpretable",)
-PARAMETERISATIONS = ("relative", "absolute", "tissue")
+PARAMETERISATIONS = ("relative", "absolute", "tissue", "prior")
 A_REF = 0.5  # a at s = 0 maps the image's robust spread onto half the output range
 LOWPASS_WORK = 64  # px, longer side of the copy the tissue parameterisation's L is computed on
+# The prior parameterisation's bounds on each learned correction (InterpretableResUNet.corrected_teacher):
+# a and kappa within a factor exp(0.5) and exp(0.7) of the teacher's, the level within 0.3 of the
+# body's spread, wc within half the teacher's window width, ww within a factor exp(0.5).
+PRIOR_BOUNDS = {"a": 0.5, "kappa": 0.7, "level": 0.3, "wc": 0.5, "ww": 0.5}
+PRIOR_MASK_LOGIT = 8.0  # the body mask enters the low-pass weight as a logit of +-8, which the network may move
 
 
 @dataclass(frozen=True)
@@ -89,14 +94,35 @@ class ResidualBlock(nn.Module):
         return self.body(x) + self.skip(x)
 
 
-def robust_stats(x: torch.Tensor) -> torch.Tensor:
-    """Per-image (p2, p50, p98, spread) of a (N, 1, h, w) image, as (N, 4)."""
-    flat = x.flatten(1)
-    if flat.shape[1] > 65536:  # quantile cost grows with size; a strided sample is plenty
-        flat = flat[:, :: flat.shape[1] // 65536 + 1]
-    q = torch.quantile(flat, torch.tensor([0.02, 0.5, 0.98], device=x.device, dtype=x.dtype), dim=1).T
+def robust_stats(x: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image (p2, p50, p98, spread) of a (N, 1, h, w) image, as (N, 4); with a body mask
+    (N, 1, h, w), of the pixels inside it."""
+    levels = torch.tensor([0.02, 0.5, 0.98], device=x.device, dtype=x.dtype)
+    rows = []
+    for i in range(x.shape[0]):
+        values = x[i].flatten() if body is None else x[i][body[i] > 0.5]
+        if values.numel() < 16:
+            values = x[i].flatten()
+        if values.numel() > 65536:  # quantile cost grows with size; a strided sample is plenty
+            values = values[:: values.numel() // 65536 + 1]
+        rows.append(torch.quantile(values, levels))
+    q = torch.stack(rows)
     spread = (q[:, 2] - q[:, 0]).clamp_min(0.02)
     return torch.cat([q, spread[:, None]], dim=1)
+
+
+def body_masks(x: torch.Tensor, downsample: int) -> torch.Tensor:
+    """The classical anatomy mask (model.anatomy) of each image of a (N, 1, h, w) batch at
+    1/downsample of the full resolution, as 0/1."""
+    from model.anatomy import find_anatomy_mask
+
+    found = [torch.from_numpy(find_anatomy_mask(img[0].detach().float().cpu().numpy(), downsample)) for img in x]
+    return torch.stack(found)[:, None].to(device=x.device, dtype=x.dtype)
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-image weighted mean of (N, h, w) values: (N, 1, 1)."""
+    return ((values * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1e-6))[:, None, None]
 
 
 class InterpretableResUNet(nn.Module):
@@ -106,15 +132,20 @@ class InterpretableResUNet(nn.Module):
         super().__init__()
         self.config = config
         w, n = config.width, config.levels
-        self.invariant = config.parameterisation == "tissue"  # sees the image only through its robust statistics
-        n_stats = 2 if self.invariant else 4
-        self.stem = ResidualBlock(1 if self.invariant else 2, w)
+        self.prior = config.parameterisation == "prior"
+        # sees the image only through its robust statistics (and, with the prior, its body mask)
+        self.invariant = config.parameterisation in ("tissue", "prior")
+        n_stats = 3 if self.prior else 2 if self.invariant else 4
+        self.stem = ResidualBlock(1 if config.parameterisation == "tissue" else 2, w)
         self.down = nn.ModuleList([conv_norm_act(w, w, stride=2) for _ in range(n - 1)])
         self.enc = nn.ModuleList([ResidualBlock(w, w) for _ in range(n - 1)])
         self.context = nn.Sequential(nn.Linear(w + n_stats, w), nn.LeakyReLU(0.1), nn.Linear(w, w))
         self.dec = nn.ModuleList([ResidualBlock(2 * w, w) for _ in range(n - 1)])
         self.context_proj = nn.ModuleList([nn.Linear(w, w) for _ in range(n - 1)])
-        self.head = nn.Conv2d(w, 6 if config.parameterisation == "tissue" else 4, 1)
+        self.head = nn.Conv2d(w, 6 if self.invariant else 4, 1)
+        if self.prior:  # a zero correction at the start: the untrained model is the teacher
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     @property
     def multiple(self) -> int:
@@ -126,13 +157,16 @@ class InterpretableResUNet(nn.Module):
             return x
         return F.avg_pool2d(F.pad(x, (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)
 
-    def features(self, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, stats: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
         median, spread = stats[:, 1, None, None, None], stats[:, 3, None, None, None]
         normalised = (x - median) / spread
         if self.invariant:
             # Only what a global gain/offset of the acquisition leaves unchanged: the network's
             # raw outputs, and so y (module docstring), are then exactly invariant to it.
             image, summary = normalised, (stats[:, [0, 2]] - stats[:, 1:2]) / stats[:, 3:4]
+            if body is not None:
+                image = torch.cat([normalised, body], dim=1)
+                summary = torch.cat([summary, body.mean(dim=(1, 2, 3))[:, None]], dim=1)
         else:
             image, summary = torch.cat([normalised, x], dim=1), stats
         h = self.stem(image)
@@ -155,22 +189,26 @@ class InterpretableResUNet(nn.Module):
         constraint still uses L(x) and the statistics of the full /downsample image, so the
         detail in b keeps the model's resolution."""
         h0, w0 = x.shape[-2:]
-        stats = robust_stats(x)
-        work = x
+        body = body_masks(x, self.config.downsample) if self.prior else None
+        stats = robust_stats(x, body)
+        work = x if body is None else torch.cat([x, body], dim=1)
         size = self.config.work_size
         if size and max(h0, w0) > size:
             scale = size / max(h0, w0)
             hw = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
-            work = F.interpolate(x, size=hw, mode="area")
+            work = F.interpolate(work, size=hw, mode="area")
         h1, w1 = work.shape[-2:]
         # Pad to a multiple of 2**(levels-1), and to at least two pixels at the bottom level:
         # InstanceNorm cannot normalise a 1x1 map, which tiny or very thin inputs would reach.
         m = self.multiple
         pad_h, pad_w = max((-h1) % m, 2 * m - h1), max((-w1) % m, 2 * m - w1)
         padded = F.pad(work, (0, pad_w, 0, pad_h), mode="replicate")
-        raw = self.head(self.features(padded, stats))[..., :h1, :w1]
+        image, work_body = (padded, None) if body is None else (padded[:, :1], padded[:, 1:])
+        raw = self.head(self.features(image, stats, work_body))[..., :h1, :w1]
         if (h1, w1) != (h0, w0):
             raw = F.interpolate(raw, size=(h0, w0), mode="bilinear", align_corners=False)
+        if self.prior:
+            return self.corrected_teacher(raw, x, stats, body)
         return self.constrain(raw, x, stats)
 
     def tissue_lowpass(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -210,6 +248,43 @@ class InterpretableResUNet(nn.Module):
             b = t
         wc = torch.sigmoid(c)
         ww = self.config.min_ww + F.softplus(w)
+        return torch.stack([a, b, wc, ww], dim=1)
+
+
+    def corrected_teacher(self, raw: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        """The prior parameterisation: the teacher's maps computed on the input itself (its
+        anatomy mask, low-pass, gain, compression and percentile window; model.teacher), each
+        moved by a bounded learned correction (PRIOR_BOUNDS). A raw output of zero is the
+        teacher, so an image unlike any seen in training degrades towards the teacher instead
+        of anywhere the network's extrapolation leads.
+
+            a     = g exp(Ba tanh s)                      detail gain
+            kappa = (1 - k) exp(Bk tanh r)                low-pass compression
+            level = mean_body(L) + Bl spread tanh t        level of the body
+            b     = level + (kappa - a) L - kappa mean_body(L)
+            wc    = wc_p + Bc ww_p tanh c,   ww = ww_p exp(Bw tanh w)
+        where L = G*(x m) / G*(m) with m the body mask moved by a learned logit, and wc_p, ww_p
+        the teacher's window: the 1st/99th percentiles of the corrected y where m > 1/2."""
+        from model.teacher import TeacherParams, masked_lowpass, percentile_window
+
+        teacher = TeacherParams()
+        s, t, c, w, r, m = raw.unbind(dim=1)
+        bounds = PRIOR_BOUNDS
+        weight = torch.sigmoid(PRIOR_MASK_LOGIT * (2 * body - 1) + m[:, None])
+        L = masked_lowpass(x, weight, teacher.sigma, teacher.work_size)[:, 0]
+        inside = weight[:, 0] > 0.5
+        mean_L = masked_mean(L, inside.to(x.dtype))
+        a = teacher.gain * torch.exp(bounds["a"] * torch.tanh(s))
+        kappa = (1 - teacher.compression) * torch.exp(bounds["kappa"] * torch.tanh(r))
+        level = mean_L + bounds["level"] * stats[:, 3, None, None] * torch.tanh(t)
+        b = level + (kappa - a) * L - kappa * mean_L
+        y = torch.clamp(a * x[:, 0] + b, 0.0, 1.0)
+        # the teacher judges its window at 1/window_downsample of the full image; this is 1/downsample
+        factor = max(1, teacher.window_downsample // self.config.downsample)
+        windows = [torch.stack(percentile_window(y[i], inside[i], teacher, factor)) for i in range(x.shape[0])]
+        wc_p, ww_p = torch.stack(windows)[:, :, None, None].unbind(dim=1)
+        wc = torch.clamp(wc_p + bounds["wc"] * ww_p * torch.tanh(c), 0.0, 1.0)
+        ww = torch.clamp(ww_p * torch.exp(bounds["ww"] * torch.tanh(w)), min=self.config.min_ww)
         return torch.stack([a, b, wc, ww], dim=1)
 
 

@@ -154,3 +154,61 @@ def test_the_tissue_model_is_invariant_to_a_global_gain_and_offset_of_the_acquis
     with torch.no_grad():
         m, mp = relative(x), relative(0.8 * x + 0.05)
     assert not torch.allclose(m[:, 0] * x[:, 0] + m[:, 1], mp[:, 0] * (0.8 * x[:, 0] + 0.05) + mp[:, 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG3_UNCR.dcm"])
+def test_the_untrained_prior_model_is_the_teacher_on_its_input(name):
+    """A zero correction (the prior parameterisation's start) reproduces the classical teacher run
+    on the same image: what the model degrades to on anatomy it never saw."""
+    import numpy as np
+
+    from dicom_node.reader import load_dataset, read_radiograph
+    from model.anatomy import find_anatomy_mask
+    from model.remap import remap
+    from model.teacher import teacher_on_input
+    from tests.helpers import testdata
+
+    x = read_radiograph(load_dataset(testdata(name)))
+    model = build_model(ModelConfig(parameterisation="prior", width=8)).eval()
+    with torch.no_grad():
+        maps = model(downsample_image(torch.from_numpy(x), 8))
+        z = remap(torch.from_numpy(x), *maps.split(1, dim=1), downsample=8).z.numpy()
+    expected = teacher_on_input(x).remap(x)[1]
+    body = find_anatomy_mask(x)
+    assert -10 * np.log10(np.mean((z - expected)[body] ** 2)) > 33
+
+
+def test_prior_corrections_are_bounded_whatever_the_network_says():
+    from model.net import PRIOR_BOUNDS
+    from model.teacher import TeacherParams
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(parameterisation="prior", width=8)).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(50.0)  # a network gone wild
+        x = downsample_image(torch.rand(1, 1, 800, 640) * 0.5 + 0.25, 8)
+        a, b, wc, ww = model(x)[0]
+    g = TeacherParams().gain
+    assert torch.all(a <= g * torch.exp(torch.tensor(PRIOR_BOUNDS["a"])) + 1e-5)
+    assert torch.all((wc >= 0) & (wc <= 1)) and torch.isfinite(b).all() and torch.all(ww > 0)
+
+
+def test_the_untrained_prior_model_shows_a_global_gain_and_offset_of_the_acquisition_alike():
+    """The teacher's window follows a global gain/offset of the acquisition (y moves by the same
+    affine map), so the displayed image does not change, apart from y's clip to [0, 1]."""
+    import numpy as np
+
+    from dicom_node.reader import load_dataset, read_radiograph
+    from model.remap import remap
+    from tests.helpers import testdata
+
+    x = read_radiograph(load_dataset(testdata("RG1_UNCR.dcm")))
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(parameterisation="prior", width=8)).eval()
+    shown = []
+    for gain, offset in ((1.0, 0.0), (0.8, 0.1)):
+        xp = torch.from_numpy(x * gain + offset)
+        with torch.no_grad():
+            maps = model(downsample_image(xp, 8))
+        shown.append(remap(xp, *maps.split(1, dim=1), downsample=8).z.numpy())
+    assert -10 * np.log10(np.mean((shown[0] - shown[1]) ** 2)) > 40

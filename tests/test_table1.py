@@ -42,7 +42,7 @@ def test_each_baseline_trains_with_the_shared_loop_lowers_its_loss_and_loads_thr
     from model.net import build_model
 
     start = build_model(config)
-    items = Archive(archive, config.downsample, cache=cfg.cache).items("val")
+    items = Archive(archive, config.downsample, cache=cfg.cache).items("train")  # what it optimises (2 anatomies)
     before = validate(start, items, cfg, torch.device("cpu"), 0, 1)
     train(cfg)
     trained = load_checkpoint(out)

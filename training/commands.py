@@ -20,9 +20,11 @@ import click
 @click.option("--max-size", default=4096, show_default=True, type=click.IntRange(64, 4096),
               help="Scale the phantom sizes (1000–4096 px by default) so the longest side is at most this.")
 @click.option("--real/--no-real", default=True, show_default=True, help="Include the pydicom-data radiographs.")
+@click.option("--real-split", default="fixed", show_default=True, type=click.Choice(["fixed", "train"]),
+              help="fixed: RG1 in train and RG3 in test; train: every real radiograph in train (hold one out in `train` instead).")
 @click.option("--only-split", "only", multiple=True, type=click.Choice(["train", "val", "test"]),
               help="Write only the rows of this split (repeatable); they are identical to the full archive's.")
-def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
+def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_split, only):
     """Write a synthetic annotated archive (phantoms + real radiographs, exact ground truth)."""
     from training.synth import synthesise
 
@@ -33,7 +35,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
         click.echo(f"\r{count[0]} images ({rid})", nl=False, err=True)
 
     path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress,
-                      only=tuple(only) or None)
+                      only=tuple(only) or None, real_split=real_split)
     click.echo("", err=True)
     click.echo(f"wrote {count[0]} acquisitions to {path}")
 
@@ -51,13 +53,18 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 @click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
               help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
 @click.option("--parameterisation", default="tissue", show_default=True,
-              type=click.Choice(["relative", "absolute", "tissue"]), help="How the raw outputs become a and b (model/net.py).")
+              type=click.Choice(["relative", "absolute", "tissue", "prior"]), help="How the raw outputs become the maps (model/net.py).")
+@click.option("--real-fraction", default=0.34, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of each epoch drawn from the real radiographs (groups real-*), with heavier augmentation.")
+@click.option("--hold-out", "hold_out", multiple=True, help="Leave the rows of this group (prefix) out of training and validation; repeatable.")
 @click.option("--work-size", default=0, show_default=True, type=click.IntRange(0),
               help="Run the ResUNet on a copy of the /ds image resized to this longer side (0: as is).")
 @click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
 @click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
               help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
 @click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
+@click.option("--robust-scale", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0: image term = MSE; t > 0: t log(1 + MSE / t) per sample (a few unfittable samples weigh less).")
 @click.option("--map-weights", default="0.05,0.05,0.05,0.05", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
 @click.option("--max-minutes", default=0.0, show_default=True, type=float, help="Stop before passing this wall time (0: none).")
@@ -68,7 +75,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, only):
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
                   patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size,
-                  parameterisation):
+                  parameterisation, real_fraction, hold_out, robust_scale):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from model.predictor import resolve_device
     from training.loop import TrainConfig, train
@@ -84,7 +91,8 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
                       parameterisation=parameterisation, epochs=epochs, lr=lr,
                       batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
                       max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
-                      cache=cache, resume=resume or "", progress=not no_progress)
+                      cache=cache, resume=resume or "", progress=not no_progress, real_fraction=real_fraction,
+                      hold_out=tuple(hold_out), robust_scale=robust_scale)
     train(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
 
 

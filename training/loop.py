@@ -42,7 +42,7 @@ from model.net import ModelConfig, build_model
 from model.remap import remap
 from training.archive import Archive
 from training.baselines import produces_maps, render, render_points
-from training.dataset import NO_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
+from training.dataset import NO_AUGMENT, REAL_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
 from training.errors import ArchiveError
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     crop: int = 512  # full-resolution crop side for the image term
     points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
     image_weight: float = 1.0
+    robust_scale: float = 0.0  # 0: the image term is the MSE (Eqn 1); t > 0: t log(1 + MSE / t) per sample
     map_weights: tuple = (0.05, 0.05, 0.05, 0.05)  # a, b, wc, ww (Eqn 1: all 1; see docs/training.md)
     patience: int = 10  # epochs without a better validation loss before stopping
     max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
@@ -74,6 +75,8 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # torch threads per process; 0 = cores / processes
     augment: bool = True
+    real_fraction: float = 0.34  # share of each epoch's samples drawn from real radiographs (heavier augmentation)
+    hold_out: tuple = ()  # groups left out of training and validation (leave-one-real-out)
     cache: str = ""
     resume: str = ""
     stop_after_epochs: int = 0  # stop (as if interrupted) once this many epochs are done; 0 = never
@@ -89,24 +92,57 @@ def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]
     size = tuple(s.x_crop.shape[-2:])
     full = crop_maps(pred, s.top, s.left, size, cfg.downsample)
     z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
-    image = F.mse_loss(z, s.z_crop[None].to(device))
+    image = weighted_mse(z, s.z_crop[None].to(device), s.weight, device)
     if s.pts_rc is not None:  # the whole image: scattered full-resolution pixels through the same remap
         at = maps_at_points(pred, s.pts_rc.to(device), cfg.downsample)[0]  # (4, P)
         zp = remap(s.pts_x.to(device), *at.unbind(0)).z.reshape(-1)
-        image = 0.5 * (image + F.mse_loss(zp, s.pts_z.to(device)))
+        image = 0.5 * (image + weighted_mse(zp, s.pts_z.to(device), s.pts_weight, device))
     gt = s.maps.to(device)
     maps = [F.mse_loss(pred[0, i], gt[i]) for i in range(4)]
-    total = cfg.image_weight * image + sum(w * m for w, m in zip(cfg.map_weights, maps))
+    total = cfg.image_weight * robust(image, cfg.robust_scale) + sum(w * m for w, m in zip(cfg.map_weights, maps))
     return total, {"image": image.item(), "a": maps[0].item(), "b": maps[1].item(), "wc": maps[2].item(), "ww": maps[3].item()}
+
+
+def robust(mse: torch.Tensor, scale: float) -> torch.Tensor:
+    """t log(1 + mse / t): the MSE where it is small, growing only logarithmically beyond t, so a
+    few samples the model cannot fit (an acquisition whose classical anatomy mask failed) do
+    not outweigh all the others. scale 0 leaves the MSE as it is."""
+    return scale * torch.log1p(mse / scale) if scale > 0 else mse
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, device) -> torch.Tensor:
+    """MSE over the pixels with weight 1 (a synthetic collimation or marker weighs 0)."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    weight = weight.to(device).reshape(pred.shape)
+    return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def is_real(item) -> bool:
+    """A real radiograph's row (synth names their groups real-*), as opposed to a phantom's."""
+    return item.group.startswith("real-")
+
+
+def epoch_order(items, cfg: "TrainConfig", epoch: int) -> np.ndarray:
+    """The rows of one epoch, shuffled: every row once, and the real radiographs drawn again
+    (with replacement) until they make up cfg.real_fraction of the epoch."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    real = [i for i, item in enumerate(items) if is_real(item)]
+    order = list(range(len(items)))
+    if real and cfg.real_fraction > 0 and len(real) < len(items):
+        others = len(items) - len(real)
+        wanted = math.ceil(cfg.real_fraction * others / (1 - cfg.real_fraction))
+        order += list(rng.choice(real, size=max(0, wanted - len(real))))
+    return rng.permutation(np.array(order))
 
 
 def baseline_loss(model, pred, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
     """A Table 1 baseline has no maps: the image term alone, on the same crop and pixels."""
     z = render(model, s.x_crop[None].to(device), pred, s.top, s.left)
-    image = F.mse_loss(z, s.z_crop[None].to(device))
+    image = weighted_mse(z, s.z_crop[None].to(device), s.weight, device)
     if s.pts_rc is not None:
         zp = render_points(model, s.pts_x[None].to(device), pred, s.pts_rc.to(device))[0]
-        image = 0.5 * (image + F.mse_loss(zp, s.pts_z.to(device)))
+        image = 0.5 * (image + weighted_mse(zp, s.pts_z.to(device), s.pts_weight, device))
     return cfg.image_weight * image, {"image": image.item()}
 
 
@@ -127,8 +163,9 @@ def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> d
             z = remap(x, *pred.split(1, dim=1), downsample=cfg.downsample).z
         else:
             z = render(model, x[None, None], pred)[0, 0]
-        image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device)).item()
-        loss = cfg.image_weight * image
+        image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device))
+        loss = cfg.image_weight * robust(image, cfg.robust_scale).item()
+        image = image.item()
         if has_maps:
             gt = torch.from_numpy(maps_gt).to(device)
             maps = [F.mse_loss(pred[0, k], gt[k]).item() for k in range(4)]
@@ -189,13 +226,15 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         log(f"archive {cfg.archive}: {len(archive.rows)} rows cached in {time.time() - t0:.0f}s")
     if world > 1:
         torch.distributed.barrier()
-    train_items, val_items = archive.items("train"), archive.items("val")
+    held = lambda item: any(item.group.startswith(g) for g in cfg.hold_out)  # noqa: E731
+    train_items = [i for i in archive.items("train") if not held(i)]
+    val_items = [i for i in archive.items("val") if not held(i)]
     if not train_items:
         raise ArchiveError(f"archive {cfg.archive}: no rows with split 'train'")
     if not val_items:
         log("warning: no 'val' rows; validating on the training rows")
         val_items = train_items
-    aug = AugmentConfig() if cfg.augment else NO_AUGMENT
+    augment_for = (lambda item: REAL_AUGMENT if is_real(item) else AugmentConfig()) if cfg.augment else (lambda item: NO_AUGMENT)
 
     # ---- model and optimiser ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -206,7 +245,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     model = build_model(mconf).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
-    steps_per_epoch = math.ceil(len(train_items) / cfg.batch)
+    steps_per_epoch = math.ceil(len(epoch_order(train_items, cfg, 0)) / cfg.batch)
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "history": []}
     if cfg.resume:
@@ -239,8 +278,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             log(f"stopping: another epoch would pass --max-minutes {cfg.max_minutes}")
             break
         t_epoch = time.time()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_items))
-        batches = [order[i:i + cfg.batch] for i in range(0, len(order), cfg.batch)]
+        order = epoch_order(train_items, cfg, epoch)
+        batches = [np.arange(i, min(i + cfg.batch, len(order))) for i in range(0, len(order), cfg.batch)]
         bar = None
         if main and cfg.progress:
             from tqdm import tqdm
@@ -252,11 +291,12 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
                 time_fraction = (time.time() - start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
                 g["lr"] = lr_at(state["step"], total_steps, cfg, time_fraction)
             optimizer.zero_grad(set_to_none=False)
-            for j, idx in enumerate(batch):
+            for j, position in enumerate(batch):
                 if j % world != rank:
                     continue
-                rng = np.random.default_rng([cfg.seed, epoch, int(idx)])
-                s = make_sample(train_items[idx], rng, cfg.crop, cfg.downsample, aug, points=cfg.points)
+                item = train_items[order[position]]
+                rng = np.random.default_rng([cfg.seed, epoch, int(position)])  # a repeated row gets its own draw
+                s = make_sample(item, rng, cfg.crop, cfg.downsample, augment_for(item), points=cfg.points)
                 loss, parts = sample_loss(model, s, cfg, device)
                 (loss / len(batch)).backward()
                 for k, v in parts.items():
