@@ -47,7 +47,7 @@ class ModelConfig:
     downsample: int = 8
     width: int = 32
     levels: int = 5
-    parameterisation: str = "tissue"
+    parameterisation: str = "prior"
     min_ww: float = 0.02
     lowpass_radius: int = 3  # low-res pixels, the L(x) of the relative parameterisation
     lowpass_sigma: float = 0.06  # the tissue parameterisation's L: Gaussian sigma, fraction of the shorter side

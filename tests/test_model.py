@@ -8,7 +8,7 @@ from model.predictor import Predictor
 from model.remap import downsample_image
 
 
-@pytest.mark.parametrize("parameterisation", ["relative", "tissue"])
+@pytest.mark.parametrize("parameterisation", ["relative", "tissue", "prior"])
 @pytest.mark.parametrize("rows,cols,ds", [(1000, 1000, 8), (1003, 2501, 8), (4096, 1024, 16), (1200, 1000, 4),
                                           (4096, 200, 16), (64, 48, 16)])
 def test_maps_keep_geometry_and_constraints_for_any_size_and_aspect(rows, cols, ds, parameterisation):

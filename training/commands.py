@@ -52,7 +52,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
 @click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
               help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
-@click.option("--parameterisation", default="tissue", show_default=True,
+@click.option("--parameterisation", default="prior", show_default=True,
               type=click.Choice(["relative", "absolute", "tissue", "prior"]), help="How the raw outputs become the maps (model/net.py).")
 @click.option("--real-fraction", default=0.34, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of each epoch drawn from the real radiographs (groups real-*), with heavier augmentation.")
@@ -63,7 +63,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
 @click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
               help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
 @click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
-@click.option("--robust-scale", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--robust-scale", default=0.002, show_default=True, type=click.FloatRange(0),
               help="0: image term = MSE; t > 0: t log(1 + MSE / t) per sample (a few unfittable samples weigh less).")
 @click.option("--map-weights", default="0.05,0.05,0.05,0.05", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
@@ -103,14 +103,15 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
 @click.option("--csv", "csv_path", default=None, type=click.Path(), help="Per-image results as CSV.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda | cuda:N")
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
-def evaluate_command(archive, weights, split, csv_path, device, cache):
+@click.option("--group", "groups", multiple=True, help="Only the rows of this group (prefix), e.g. a held-out real radiograph; repeatable.")
+def evaluate_command(archive, weights, split, csv_path, device, cache, groups):
     """PSNR/SSIM/map MAE/consistency of a model vs references (A) percentile window and (B) teacher."""
     from model.predictor import resolve_device
     from training.evaluate import evaluate
 
     device = _device(device, resolve_device)
     result = evaluate(archive, weights, split=split, device=device, csv_path=csv_path, cache=cache or None,
-                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True))
+                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True), only_groups=tuple(groups))
     click.echo("", err=True)
     n = result.summary[0]["images"]
     click.echo(f"split {split}: {n} images; PSNR/SSIM of z (displayed), full resolution, data_range 1")

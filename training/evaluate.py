@@ -82,7 +82,7 @@ class Result:
 
 def evaluate(archive: str | Path, weights: str | Path, split: str = "test", device: str = "cpu",
              csv_path: str | Path | None = None, cache: str | None = None, progress=None,
-             references: dict | None = None) -> Result:
+             references: dict | None = None, only_groups: tuple = ()) -> Result:
     from model.predictor import Predictor
 
     references = REFERENCES if references is None else references
@@ -92,9 +92,10 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
     model = predictor.checkpoint.model
     has_maps = produces_maps(model)
     arch = Archive(archive, ds, cache=cache)
-    items = arch.items(split)
+    items = [i for i in arch.items(split) if not only_groups or any(i.group.startswith(g) for g in only_groups)]
     if not items:
-        raise ArchiveError(f"archive {archive}: no rows with split {split!r}")
+        where = f" in groups {', '.join(only_groups)}" if only_groups else ""
+        raise ArchiveError(f"archive {archive}: no rows with split {split!r}{where}")
     rows, outputs = [], {m: {} for m in methods}
     raws = {}
     for item in items:

@@ -55,7 +55,7 @@ class TrainConfig:
     downsample: int = 8
     width: int = 32
     levels: int = 5
-    parameterisation: str = "tissue"
+    parameterisation: str = "prior"
     lowpass_radius: int = 3  # L(x) of the relative parameterisation, low-res pixels
     lowpass_sigma: float = 0.06  # L(x) of the tissue parameterisation, fraction of the shorter side
     work_size: int = 0  # ModelConfig.work_size: the ResUNet's input longer side (0 = as is)
@@ -67,7 +67,7 @@ class TrainConfig:
     crop: int = 512  # full-resolution crop side for the image term
     points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
     image_weight: float = 1.0
-    robust_scale: float = 0.0  # 0: the image term is the MSE (Eqn 1); t > 0: t log(1 + MSE / t) per sample
+    robust_scale: float = 0.002  # 0: the image term is the MSE (Eqn 1); t > 0: t log(1 + MSE / t) per sample
     map_weights: tuple = (0.05, 0.05, 0.05, 0.05)  # a, b, wc, ww (Eqn 1: all 1; see docs/training.md)
     patience: int = 10  # epochs without a better validation loss before stopping
     max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
