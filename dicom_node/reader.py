@@ -73,10 +73,12 @@ def modality_range(ds: Dataset) -> tuple[float, float]:
         lut_bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
         return 0.0, float((1 << lut_bits) - 1)
     lo, hi = stored_range(ds)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None or intercept is None:  # pydicom applies a rescale only when both are present
+        return float(lo), float(hi)
+    slope, intercept = float(slope), float(intercept)
     ends = sorted((lo * slope + intercept, hi * slope + intercept))
-    return ends[0], ends[1]
+    return ends[0], max(ends[1], ends[0] + 1.0)  # a zero slope must not divide by zero
 
 
 def modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:

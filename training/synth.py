@@ -64,7 +64,7 @@ def radiograph_dataset(x: np.ndarray, *, bits: int, photometric: str, modality: 
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.PixelData = stored.tobytes()
     if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PresentationIntentType = "FOR PROCESSING"  # the class is DX For Processing
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
         ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1
         ds.ImagerPixelSpacing = [0.15, 0.15]
