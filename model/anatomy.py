@@ -205,13 +205,25 @@ def find_anatomy_mask_small(small: np.ndarray) -> np.ndarray:
     return everything
 
 
+def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0], mask.shape[0] - 1).astype(np.intp)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1], mask.shape[1] - 1).astype(np.intp)
+    return mask[np.ix_(rows, cols)]
+
+
 def find_anatomy_mask(x: np.ndarray, scale: int = 1) -> np.ndarray:
     """Bool anatomy mask of image x (H, W) in [0, 1], shaped like x (module docstring); x is at
-    1/scale of the full resolution (1: the image itself, 8: the network's /8 input)."""
+    1/scale of the full resolution (1: the image itself, 8: the network's /8 input).
+
+    The mask is decided on the 1/MASK_SCALE grid and each of its cells covers a whole block of
+    x, so the full-resolution mask area-downsampled by MASK_SCALE is exactly the mask the
+    network finds on its /8 input: teacher and network judge the same pixels."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {x.shape}")
-    small = find_anatomy_mask_small(_to_work_size(x, scale))
-    rows = np.minimum((np.arange(x.shape[0]) + 0.5) * small.shape[0] / x.shape[0], small.shape[0] - 1).astype(np.intp)
-    cols = np.minimum((np.arange(x.shape[1]) + 0.5) * small.shape[1] / x.shape[1], small.shape[1] - 1).astype(np.intp)
-    return np.ascontiguousarray(small[np.ix_(rows, cols)])
+    factor = max(1, MASK_SCALE // max(1, scale))
+    grid = (-(-x.shape[0] // factor), -(-x.shape[1] // factor))  # the grid downsample_image makes
+    mask = _nearest(find_anatomy_mask_small(_to_work_size(x, scale)), grid)
+    if factor > 1:
+        mask = np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)[: x.shape[0], : x.shape[1]]
+    return np.ascontiguousarray(mask)

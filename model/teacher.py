@@ -20,9 +20,10 @@ Parameters (TeacherParams, defaults in brackets):
   work_size [256]        L is computed on a copy area-downsampled so its longer side is about
                          this many pixels, then upsampled bilinearly (the kernel is large, so
                          this changes L by far less than the 16-bit output step).
-  window_downsample [8]  the percentiles are taken of y area-downsampled by this factor: the
-                         window is judged at the scale of anatomy, not of pixel noise (and at
-                         the scale the network sees, so its prior computes the same window).
+  window_downsample [8]  L and the window are computed from the image area-downsampled by this
+                         factor: the window is judged at the scale of anatomy, not of pixel
+                         noise, and the network's prior, which sees the /8 image, computes the
+                         same L and window as the teacher on the full image.
 
 The anatomy mask excludes collimation and direct-exposure air; `model.anatomy.find_anatomy_mask`
 estimates it classically (synth uses it for phantoms too, so that a target is what this
@@ -130,7 +131,10 @@ def teacher(x: np.ndarray, mask: np.ndarray, params: TeacherParams = TeacherPara
         mask = np.ones_like(mask)
     xt = torch.from_numpy(np.ascontiguousarray(x))
     mt = torch.from_numpy(np.ascontiguousarray(mask))
-    L = masked_lowpass(xt[None, None], mt[None, None].float(), params.sigma, params.work_size)[0, 0]
+    # L from the image at 1/8, as the network's prior computes it from its /8 input
+    factor = params.window_downsample
+    low = masked_lowpass(downsample_image(xt, factor), downsample_image(mt.float(), factor), params.sigma, params.work_size)
+    L = upsample_maps(low, tuple(x.shape), factor)[0, 0]
     mean_L = L[mt].mean()
     g, k = params.gain, params.compression
     a = torch.full_like(xt, g)
