@@ -40,10 +40,10 @@ def trained(archive, tmp_path_factory):
 
 def test_short_training_beats_its_start_and_the_identity_baseline(trained, archive):
     cfg, out, state = trained
-    first, best = state["history"][0]["val_loss"], state["best"]
+    start, best = state["start_val_loss"], state["best"]  # the prior starts at the teacher: not far to go
     items = Archive(archive, cfg.downsample, cache=cfg.cache).items("val")
     baseline = validate(PercentileWindowMaps(), items, cfg, torch.device("cpu"), 0, 1)
-    assert best < 0.5 * first, state["history"]
+    assert best < 0.95 * start and state["best_epoch"] > 0, state["history"]
     assert best < 0.5 * baseline["loss"], (best, baseline)
     model = load_checkpoint(out).model
     ours = validate(model, items, cfg, torch.device("cpu"), 0, 1)
