@@ -82,3 +82,13 @@ def test_synth_train_evaluate_through_the_cli(tmp_path):
     r = runner.invoke(main, ["evaluate", "--archive", str(arch), "--weights", str(weights), "--csv", str(tmp_path / "e.csv")])
     assert r.exit_code == 0, r.output
     assert "B: teacher on input" in r.output and (tmp_path / "e.csv").is_file()
+
+
+def test_evaluate_scores_the_model_with_the_window_guard_and_without(small_archive, tmp_path):
+    harsh = make_constant_checkpoint(tmp_path / "harsh.pt", a=1.0, b=0.0, wc=0.5, ww=0.05)
+    result = evaluate(small_archive, harsh, split="test", cache=str(tmp_path / "c"), guard=0.02)
+    by = {s["method"]: s for s in result.summary}
+    assert list(by) == ["model", "model + guard", *METHODS[1:]]
+    assert by["model + guard"]["psnr"] != pytest.approx(by["model"]["psnr"], abs=0.1)  # the guard acted
+    plain = evaluate(small_archive, harsh, split="test", cache=str(tmp_path / "c"))
+    assert [s["method"] for s in plain.summary] == list(METHODS)  # no guard asked, no guard row

@@ -56,6 +56,8 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
               type=click.Choice(["relative", "absolute", "tissue", "prior"]), help="How the raw outputs become the maps (model/net.py).")
 @click.option("--real-fraction", default=0.34, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of each epoch drawn from the real radiographs (groups real-*), with heavier augmentation.")
+@click.option("--correction-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Prior parameterisation: weight of the mean squared correction in the loss (0: none).")
 @click.option("--hold-out", "hold_out", multiple=True, help="Leave the rows of this group (prefix) out of training and validation; repeatable.")
 @click.option("--work-size", default=0, show_default=True, type=click.IntRange(0),
               help="Run the ResUNet on a copy of the /ds image resized to this longer side (0: as is).")
@@ -75,7 +77,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
 def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
                   patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size,
-                  parameterisation, real_fraction, hold_out, robust_scale):
+                  parameterisation, real_fraction, hold_out, robust_scale, correction_weight):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from model.predictor import resolve_device
     from training.loop import TrainConfig, train
@@ -92,7 +94,7 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
                       batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
                       max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
                       cache=cache, resume=resume or "", progress=not no_progress, real_fraction=real_fraction,
-                      hold_out=tuple(hold_out), robust_scale=robust_scale)
+                      hold_out=tuple(hold_out), robust_scale=robust_scale, correction_weight=correction_weight)
     train(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
 
 
@@ -104,14 +106,16 @@ def train_command(archive, out, downsample, epochs, lr, batch, device, resume, w
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda | cuda:N")
 @click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
 @click.option("--group", "groups", multiple=True, help="Only the rows of this group (prefix), e.g. a held-out real radiograph; repeatable.")
-def evaluate_command(archive, weights, split, csv_path, device, cache, groups):
+@click.option("--guard", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Also score the model behind the window guard with this max_burnt_out (0: no such row).")
+def evaluate_command(archive, weights, split, csv_path, device, cache, groups, guard):
     """PSNR/SSIM/map MAE/consistency of a model vs references (A) percentile window and (B) teacher."""
     from model.predictor import resolve_device
     from training.evaluate import evaluate
 
     device = _device(device, resolve_device)
     result = evaluate(archive, weights, split=split, device=device, csv_path=csv_path, cache=cache or None,
-                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True), only_groups=tuple(groups))
+                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True), only_groups=tuple(groups), guard=guard)
     click.echo("", err=True)
     n = result.summary[0]["images"]
     click.echo(f"split {split}: {n} images; PSNR/SSIM of z (displayed), full resolution, data_range 1")

@@ -18,7 +18,8 @@ Metrics, all on the displayed presentation z in [0, 1], at full resolution:
   For the model, `psnr_voi` is also given: y under the one aggregate window the `voi` output
   carries in its VOI LUT tags (the per-pixel window maps reduced to their median).
 `references` replaces (A) and (B) by any {name: x -> z} (benchmarks.table1 adds CLAHE; {} scores
-the model alone).
+the model alone). With `guard` > 0 a row "model + guard" scores the same model behind the window
+guard ([model] max_burnt_out = guard), in its per-pixel (burn-in) presentation.
 """
 from __future__ import annotations
 
@@ -82,15 +83,18 @@ class Result:
 
 def evaluate(archive: str | Path, weights: str | Path, split: str = "test", device: str = "cpu",
              csv_path: str | Path | None = None, cache: str | None = None, progress=None,
-             references: dict | None = None, only_groups: tuple = ()) -> Result:
+             references: dict | None = None, only_groups: tuple = (), guard: float = 0.0) -> Result:
     from model.predictor import Predictor
 
     references = REFERENCES if references is None else references
-    methods = ("model", *references)
     predictor = Predictor(weights, device)
     ds = predictor.checkpoint.config.downsample
     model = predictor.checkpoint.model
     has_maps = produces_maps(model)
+    if guard and has_maps:  # the same model behind the window guard ([model] max_burnt_out)
+        guarded = Predictor(weights, device, max_burnt_out=guard)
+        references = {"model + guard": lambda x: guarded(x).z.cpu().numpy(), **references}
+    methods = ("model", *references)
     arch = Archive(archive, ds, cache=cache)
     items = [i for i in arch.items(split) if not only_groups or any(i.group.startswith(g) for g in only_groups)]
     if not items:
