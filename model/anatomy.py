@@ -154,8 +154,9 @@ def _air_valley(small: np.ndarray) -> float | None:
 
 def _direct_exposure(small: np.ndarray, flat: np.ndarray, t_air: float, collimation: np.ndarray) -> np.ndarray:
     """Dark regions reaching the edge of the exposed field (the image's border or the collimator's):
-    flat ones darker than t_air, and those below the histogram's air valley that are either mostly
-    flat or small (processed images show noise in the air; large textured ones are lungs)."""
+    flat ones darker than t_air (and than the histogram's air valley, where it has one), and those
+    below the valley that are either mostly flat or small (processed images show noise in the
+    air; large textured ones are lungs)."""
     field_edge = ndimage.binary_dilation(collimation, iterations=2 * EDGE_PX)
     field_edge[[0, -1], :] = field_edge[:, [0, -1]] = True
 
@@ -164,10 +165,13 @@ def _direct_exposure(small: np.ndarray, flat: np.ndarray, t_air: float, collimat
         for label in np.unique(labels[field_edge & (labels > 0)]):
             yield labels == label
 
-    air = np.zeros_like(flat)
-    for region in at_field_edge((small < t_air) & flat):
-        air |= region
     valley = _air_valley(small)
+    # where the histogram shows the air apart, nothing above its valley is air: thin soft tissue
+    # (an ankle's, a wrist's) is as flat and nearly as dark, but brighter than the valley
+    dark_limit = t_air if valley is None else min(t_air, valley)
+    air = np.zeros_like(flat)
+    for region in at_field_edge((small < dark_limit) & flat):
+        air |= region
     if valley is not None:
         for region in at_field_edge(small < valley):
             if flat[region].mean() >= 0.3 or region.mean() <= MAX_TEXTURED_AIR:

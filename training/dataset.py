@@ -17,7 +17,10 @@ Intensity augmentation x'' = alpha x + beta (global gain/offset and a linear gai
 with its exact map correction a'' = a / alpha, b'' = b - a beta / alpha; the target is unchanged.
 
 Ranges (AugmentConfig): mirror p=0.5; with p=0.7 an affine of rotation ±10°, shear ±0.1, scale
-0.85–1.15; with p=0.8 an intensity change of gain 0.85–1.15, offset ±0.04, ramp ±0.05.
+0.85–1.15, zoomed in as far as needed for the frame to stay inside the image (edges replicated
+into the frame are no radiograph: they gave the classical prior streaks to misjudge, and the
+network learnt to correct those instead of the acquisition); with p=0.8 an intensity change of
+gain 0.85–1.15, offset ±0.04, ramp ±0.05.
 
 Real radiographs are few, so they get more (REAL_AUGMENT): wider geometry (rotation ±25°,
 scale 0.8–1.5, mostly crops), a smooth elastic displacement, and changes of the input alone:
@@ -58,6 +61,7 @@ class AugmentConfig:
     bits: tuple = (8, 10, 12)  # ...to one of these bit depths
     collimation: float = 0.0  # probability of a synthetic collimation
     marker: float = 0.0  # probability of a synthetic lead marker
+    inside: bool = True  # the warped frame stays inside the image (zoomed in as needed): no replicated edges
 
 
 NO_AUGMENT = AugmentConfig(mirror=0.0, affine=0.0, intensity=0.0)
@@ -97,6 +101,10 @@ def draw_affine(shape, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarr
     if mirror:
         A = A @ np.diag([-1.0, 1.0])
     c = np.array([(w - 1) / 2, (h - 1) / 2])
+    if aug.inside:  # zoom in until the output frame's corners land inside the image
+        corners = np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * c
+        reach = np.abs(corners @ A.T) / np.maximum(c, 1e-9)
+        A = A / max(1.0, float(reach.max()))
     return np.concatenate([A, (c - A @ c)[:, None]], axis=1)
 
 

@@ -32,8 +32,9 @@ import torch
 from pydicom.dataset import Dataset
 
 from model.anatomy import find_anatomy_mask
-from model.remap import downsample_image, remap
+from model.remap import downsample_image
 from model.teacher import teacher_on_input
+from training.evaluate import percentile_window  # reference (A): a window from the image's own 1st/99th percentiles
 
 SATURATED = (0.02, 0.98)
 CONTRAST_SIGMA = 8.0
@@ -61,15 +62,6 @@ def viewer_display(ds: Dataset) -> np.ndarray:
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         display = 1.0 - display
     return np.clip(display, 0.0, 1.0).astype(np.float32)
-
-
-def percentile_window(x: np.ndarray, lo: float = 1.0, hi: float = 99.0, squeeze: float = 1.2) -> np.ndarray:
-    """x under a SIGMOID window set by its own 1st/99th percentiles (the teacher's rule)."""
-    sample = x[:: max(1, x.shape[0] // 1024), :: max(1, x.shape[1] // 1024)]
-    p_lo, p_hi = np.percentile(sample, [lo, hi])
-    wc = float(np.clip((p_lo + p_hi) / 2, 0, 1))
-    ww = float(np.clip((p_hi - p_lo) / squeeze, 0.02, 1.0))
-    return remap(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), 1.0, 0.0, wc, ww).z.numpy()
 
 
 def clahe(x: np.ndarray) -> np.ndarray:
