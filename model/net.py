@@ -36,7 +36,6 @@ LOWPASS_WORK = 64  # px, longer side of the copy the tissue parameterisation's L
 # a and kappa within a factor exp(0.5) and exp(0.7) of the teacher's, the level within 0.3 of the
 # body's spread, wc within half the teacher's window width, ww within a factor exp(0.5).
 PRIOR_BOUNDS = {"a": 0.5, "kappa": 0.7, "level": 0.3, "wc": 0.5, "ww": 0.5}
-PRIOR_MASK_LOGIT = 8.0  # the body mask enters the low-pass weight as a logit of +-8, which the network may move
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class InterpretableResUNet(nn.Module):
         self.context = nn.Sequential(nn.Linear(w + n_stats, w), nn.LeakyReLU(0.1), nn.Linear(w, w))
         self.dec = nn.ModuleList([ResidualBlock(2 * w, w) for _ in range(n - 1)])
         self.context_proj = nn.ModuleList([nn.Linear(w, w) for _ in range(n - 1)])
-        self.head = nn.Conv2d(w, 6 if self.invariant else 4, 1)
+        self.head = nn.Conv2d(w, 5 if self.prior else 6 if self.invariant else 4, 1)
         if self.prior:  # a zero correction at the start: the untrained model is the teacher
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -263,28 +262,35 @@ class InterpretableResUNet(nn.Module):
             level = mean_body(L) + Bl spread tanh t        level of the body
             b     = level + (kappa - a) L - kappa mean_body(L)
             wc    = wc_p + Bc ww_p tanh c,   ww = ww_p exp(Bw tanh w)
-        where L = G*(x m) / G*(m) with m the body mask moved by a learned logit, and wc_p, ww_p
-        the teacher's window: the 1st/99th percentiles of the corrected y where m > 1/2."""
+        where each tanh is blurred by the teacher's Gaussian (sigma 6 % of the image), L = G*(x m)
+        / G*(m) with m the body mask, and wc_p, ww_p the teacher's window: the 1st/99th
+        percentiles of the corrected y over the body's interior."""
         from model.teacher import TeacherParams, masked_lowpass, percentile_window
 
         teacher = TeacherParams()
-        s, t, c, w, r, m = raw.unbind(dim=1)
+        # The corrections are as smooth as the teacher's low-pass: what they are for (a smooth
+        # gain/offset field of the acquisition, a regional level) is smooth, and a correction
+        # with pixel detail would only add noise to the teacher's already exact detail.
+        n, _, h, w = raw.shape
+        bounded = torch.tanh(raw[:, :5]).reshape(n * 5, 1, h, w)
+        smooth = masked_lowpass(bounded, torch.ones_like(bounded), teacher.sigma, teacher.work_size).reshape(n, 5, h, w)
+        self.correction_energy = (smooth ** 2).mean()  # for an optional penalty in training
+        gain, level_shift, centre, width, compression = smooth.unbind(dim=1)
         bounds = PRIOR_BOUNDS
-        weight = torch.sigmoid(PRIOR_MASK_LOGIT * (2 * body - 1) + m[:, None])
-        L = masked_lowpass(x, weight, teacher.sigma, teacher.work_size)[:, 0]
-        inside = weight[:, 0] > 0.5
+        L = masked_lowpass(x, body, teacher.sigma, teacher.work_size)[:, 0]
+        inside = body[:, 0] > 0.5
         mean_L = masked_mean(L, inside.to(x.dtype))
-        a = teacher.gain * torch.exp(bounds["a"] * torch.tanh(s))
-        kappa = (1 - teacher.compression) * torch.exp(bounds["kappa"] * torch.tanh(r))
-        level = mean_L + bounds["level"] * stats[:, 3, None, None] * torch.tanh(t)
+        a = teacher.gain * torch.exp(bounds["a"] * gain)
+        kappa = (1 - teacher.compression) * torch.exp(bounds["kappa"] * compression)
+        level = mean_L + bounds["level"] * stats[:, 3, None, None] * level_shift
         b = level + (kappa - a) * L - kappa * mean_L
         y = torch.clamp(a * x[:, 0] + b, 0.0, 1.0)
         # the teacher judges its window at 1/window_downsample of the full image; this is 1/downsample
         factor = max(1, teacher.window_downsample // self.config.downsample)
         windows = [torch.stack(percentile_window(y[i], inside[i], teacher, factor)) for i in range(x.shape[0])]
         wc_p, ww_p = torch.stack(windows)[:, :, None, None].unbind(dim=1)
-        wc = torch.clamp(wc_p + bounds["wc"] * ww_p * torch.tanh(c), 0.0, 1.0)
-        ww = torch.clamp(ww_p * torch.exp(bounds["ww"] * torch.tanh(w)), min=self.config.min_ww)
+        wc = torch.clamp(wc_p + bounds["wc"] * ww_p * centre, 0.0, 1.0)
+        ww = torch.clamp(ww_p * torch.exp(bounds["ww"] * width), min=self.config.min_ww)
         return torch.stack([a, b, wc, ww], dim=1)
 
 

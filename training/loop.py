@@ -68,6 +68,7 @@ class TrainConfig:
     points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
     image_weight: float = 1.0
     robust_scale: float = 0.002  # 0: the image term is the MSE (Eqn 1); t > 0: t log(1 + MSE / t) per sample
+    correction_weight: float = 0.0  # prior parameterisation: weight of the mean squared (bounded) correction
     map_weights: tuple = (0.05, 0.05, 0.05, 0.05)  # a, b, wc, ww (Eqn 1: all 1; see docs/training.md)
     patience: int = 10  # epochs without a better validation loss before stopping
     max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
@@ -100,6 +101,8 @@ def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]
     gt = s.maps.to(device)
     maps = [F.mse_loss(pred[0, i], gt[i]) for i in range(4)]
     total = cfg.image_weight * robust(image, cfg.robust_scale) + sum(w * m for w, m in zip(cfg.map_weights, maps))
+    if cfg.correction_weight and hasattr(model, "correction_energy"):  # stay the teacher unless it pays
+        total = total + cfg.correction_weight * model.correction_energy
     return total, {"image": image.item(), "a": maps[0].item(), "b": maps[1].item(), "wc": maps[2].item(), "ww": maps[3].item()}
 
 
