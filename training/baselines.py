@@ -33,6 +33,7 @@ references live in `training.evaluate`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -128,7 +129,9 @@ class ImageResUNet(InterpretableResUNet):
     """The proposed backbone with a one-channel head: the enhanced image at 1/downsample."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__(config)
+        # the image head has no maps to parameterise: the backbone sees the image and its
+        # statistics as the relative parameterisation does, whatever the config says
+        super().__init__(replace(config, parameterisation="relative"))
         self.head = nn.Conv2d(config.width, 1, 1)
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:

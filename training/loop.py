@@ -273,8 +273,10 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         return save_checkpoint(path, model, meta)
 
     # ---- the start is a candidate too: the prior parameterisation starts at the teacher, and
-    # a run that cannot improve on it keeps it rather than its least bad epoch
-    if state["epoch"] == 0 and state["best_epoch"] < 0:
+    # a run that cannot improve on it keeps it rather than its least bad epoch (a random start
+    # of any other model is no candidate)
+    starts_at_teacher = cfg.arch == "interpretable" and cfg.parameterisation == "prior"
+    if starts_at_teacher and state["epoch"] == 0 and state["best_epoch"] < 0:
         val = validate(model, val_items, cfg, device, rank, world)
         state["best"], state["best_epoch"], state["start_val_loss"] = val["loss"], 0, val["loss"]
         log(f"epoch   0  (the start)  val loss {val['loss']:.3e} psnr {val['psnr']:.2f} dB")
