@@ -22,8 +22,11 @@ class NodeSettings:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
+    require_called_aet: bool = True
     max_associations: int = 10
-    acse_timeout: float | None = None
+    # A connection that never sends an A-ASSOCIATE-RQ (a port probe) holds an association
+    # slot until this ARTIM/ACSE timeout: seconds, not pynetdicom's 30.
+    acse_timeout: float | None = 5.0
     dimse_timeout: float | None = None
     network_timeout: float | None = None
 
@@ -211,7 +214,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
                    {"node", "spool", "model", "retry", "destinations", "logging"})
 
     s = _Section(source, "node", raw.get("node", {}),
-                 {"ae_title", "host", "port", "allowed_calling_aets", "max_associations",
+                 {"ae_title", "host", "port", "allowed_calling_aets", "require_called_aet", "max_associations",
                   "acse_timeout", "dimse_timeout", "network_timeout"})
     allowed = s.strings("allowed_calling_aets", ())
     for aet in allowed:
@@ -221,8 +224,9 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         host=s.string("host", "127.0.0.1"),
         port=s.integer("port", 11112, 0, 65535),
         allowed_calling_aets=allowed,
+        require_called_aet=s.boolean("require_called_aet", True),
         max_associations=s.integer("max_associations", 10, 1, 1000),
-        acse_timeout=s.number("acse_timeout", None),
+        acse_timeout=s.number("acse_timeout", 5.0),
         dimse_timeout=s.number("dimse_timeout", None),
         network_timeout=s.number("network_timeout", None),
     )

@@ -27,6 +27,7 @@ log = structlog.get_logger("dicom_node.node")
 
 DRAIN_SECONDS = 30      # how long in-progress associations may take after a stop request
 WORKER_STOP_SECONDS = 60  # how long the worker may take to finish its batch
+WORKER_HEALTHY_SECONDS = 60  # a worker that ran this long before exiting restarts without back-off
 
 
 def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
@@ -78,6 +79,17 @@ def cuda_device_count() -> int:
         return 0
 
 
+def restart_count(previous: int, ran_seconds: float) -> int:
+    """Consecutive quick exits of the worker: a run of WORKER_HEALTHY_SECONDS starts the count
+    again, so one bad episode (a full disk) does not slow every later restart."""
+    return 1 if ran_seconds >= WORKER_HEALTHY_SECONDS else previous + 1
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds before restarting the worker after its `restarts`-th consecutive exit: 2, 4, 8 … 30."""
+    return min(30.0, 2.0 ** restarts)
+
+
 class Node:
     def __init__(self, config: Config):
         self.config = config
@@ -105,7 +117,7 @@ class Node:
         """Run until SIGTERM/SIGINT; returns the exit status (0 on a clean stop)."""
         cfg = self.config
         check_ready(cfg)
-        spool = Spool(cfg.spool.dir).create()
+        spool = Spool(cfg.spool.dir).create().lock()  # before touching anything in it
         spool.remove_partials()
         queue = JobQueue(spool.db_path)
         adopted = adopt_orphans(spool, queue)
@@ -127,16 +139,17 @@ class Node:
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])
-        restarts = 0
+        restarts, started = 0, time.monotonic()
         while not self.stopping.wait(0.5):
             if not self.worker.is_alive():
-                restarts += 1
-                delay = min(30.0, 2.0 ** restarts)
+                restarts = restart_count(restarts, time.monotonic() - started)
+                delay = restart_delay(restarts)
                 log.error("worker exited, restarting", exitcode=self.worker.exitcode,
                           in_seconds=delay)
                 if self.stopping.wait(delay):
                     break
                 self._start_worker()
+                started = time.monotonic()
 
         server.shutdown()  # no new associations
         deadline = time.monotonic() + DRAIN_SECONDS

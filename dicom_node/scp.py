@@ -139,6 +139,8 @@ def build_ae(settings: NodeSettings) -> AE:
     # Unknown callers are rejected during association negotiation: rejected-permanent,
     # service user, "calling AE title not recognised".
     ae.require_calling_aet = list(settings.allowed_calling_aets)
+    # A wrong called AE title is rejected the same way: "called AE title not recognised".
+    ae.require_called_aet = settings.require_called_aet
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)

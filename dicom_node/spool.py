@@ -11,15 +11,19 @@ Layout under [spool] dir::
     derived/<job id>.dcm                      enhanced instance waiting to be forwarded
     failed/<job id>-<SOP Instance UID>.dcm    held with <same name>.reason.txt beside it
     queue.sqlite3                             the job queue (see jobs.py)
+    node.lock                                 held (flock) by the one node serving this spool
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from dicom_node.errors import NodeError
 
 _TMP_PREFIX = ".partial-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -76,10 +80,32 @@ class Spool:
         self.derived = self.root / "derived"
         self.failed = self.root / "failed"
         self.db_path = self.root / "queue.sqlite3"
+        self.lock_path = self.root / "node.lock"
+        self._lock_file = None
 
     def create(self) -> Spool:
         for folder in (self.incoming, self.derived, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def lock(self) -> Spool:
+        """Take the spool for this process (an exclusive flock, released by the kernel when the
+        process dies, so a kill -9 leaves no stale lock). Two nodes on one spool would adopt,
+        send and delete each other's files."""
+        f = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise NodeError(f"spool {self.root} is in use by another dicom-node ({holder}); "
+                            "one node per [spool] dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
         return self
 
     def store_received(self, data: bytes | Callable[[BinaryIO], None], sop_instance_uid: str,

@@ -81,7 +81,7 @@ class NodeProcess:
         lines = [
             "[node]", 'ae_title = "ENHANCE"', 'host = "127.0.0.1"', f"port = {self.port}",
             f"allowed_calling_aets = {json.dumps(list(allowed))}", "max_associations = 10",
-            "dimse_timeout = 10", "acse_timeout = 10", "network_timeout = 10",
+            "dimse_timeout = 10", "network_timeout = 10",  # acse_timeout: the default (5 s)
             "[spool]", 'dir = "spool"',
             "[model]", f"weights = {json.dumps(str(weights))}", 'device = "cpu"', 'mode = "voi"',
             f"enhance = {json.dumps(list(enhance))}",

@@ -403,11 +403,66 @@ def test_a_second_node_on_a_busy_port_fails_with_one_clear_line(tmp_path, peers,
     node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
                                     [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
 
-    second = node.cli("serve", timeout=30)
+    other = NodeProcess(tmp_path / "other", constant_weights,  # its own spool, the same port
+                        [{"name": "archive", "type": "folder", "path": str(tmp_path / "out2")}], port=node.port)
+    second = other.cli("serve", timeout=30)
 
     assert second.returncode == 2
     assert f"error: cannot listen on 127.0.0.1:{node.port} ([node] host/port)" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_called_ae_title_is_rejected_with_the_standard_reason(tmp_path, peers, constant_weights):
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+    ct = sample("CT_small.dcm")
+
+    rejected = storescu([ct], node.port, called="WRONGCALLED")
+
+    assert rejected.returncode != 0
+    assert "Called AE Title Not Recognized" in rejected.stdout + rejected.stderr
+    assert list(node.spool.glob("incoming/*")) == []
+    accepted = storescu([ct], node.port, called="ENHANCE")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_second_node_on_the_same_spool_exits_with_one_clear_line(tmp_path, peers, constant_weights):
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+    second = NodeProcess(tmp_path / "second", constant_weights,
+                         [{"name": "archive", "type": "folder", "path": str(tmp_path / "out2")}])
+    second.config.write_text(second.config.read_text().replace('dir = "spool"', f"dir = {json.dumps(str(node.spool))}"))
+
+    result = second.cli("serve", timeout=30)
+
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: spool {node.spool} is in use by another dicom-node (pid ")
+    assert storescu([sample("CT_small.dcm")], node.port).returncode == 0  # the first one is unharmed
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_that_never_associates_is_dropped_within_seconds(tmp_path, peers, constant_weights):
+    import socket
+    import time
+
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+    probe = socket.create_connection(("127.0.0.1", node.port))
+    probe.settimeout(20)
+    t0 = time.monotonic()
+    try:
+        data = probe.recv(1024)  # the node closes it (ARTIM expiry) after [node] acse_timeout, 5 s by default
+    except ConnectionResetError:
+        data = b""
+    finally:
+        probe.close()
+    waited = time.monotonic() - t0
+
+    assert data == b"" and waited < 10, (data, waited)
+    assert storescu([sample("CT_small.dcm")], node.port).returncode == 0
 
 
 @pytest.mark.timeout(60)
@@ -457,3 +512,14 @@ def test_a_model_that_keeps_failing_does_not_hold_the_original_back(tmp_path, pe
     assert job.attempts == ENHANCE_ATTEMPTS
     assert f"not enhanced after {ENHANCE_ATTEMPTS} attempts" in job.last_error
     assert "corrupt.pt" in job.last_error
+
+
+def test_the_worker_restart_back_off_resets_after_a_healthy_run():
+    from dicom_node.node import WORKER_HEALTHY_SECONDS, restart_count, restart_delay
+
+    restarts = 0
+    for _ in range(6):  # a bad episode: quick exits back off to the 30 s cap
+        restarts = restart_count(restarts, ran_seconds=1.0)
+    assert restart_delay(restarts) == 30.0
+    restarts = restart_count(restarts, ran_seconds=WORKER_HEALTHY_SECONDS + 1)  # then it ran fine for a while
+    assert restarts == 1 and restart_delay(restarts) == 2.0

@@ -32,6 +32,7 @@ def test_the_shipped_config_is_a_working_default():
     config = load_config(REPO / "config.toml")
     assert config.node.ae_title == "ENHANCE" and config.node.port == 11112
     assert config.node.allowed_calling_aets == ()
+    assert config.node.require_called_aet is True and config.node.acse_timeout == 5.0
     assert config.spool.dir == REPO / "var" / "spool"
     assert config.model.weights == REPO / "model" / "weights" / "default.pt"
     assert config.model.enhance == ("CR", "DX") and config.model.forward_original is True
