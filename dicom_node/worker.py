@@ -13,10 +13,12 @@ destination over one association each, and settles every job:
 """
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import random
 import signal
+import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,6 +108,22 @@ class Plan:
     outcomes: list[tuple[str, Item, Outcome]] = field(default_factory=list)
 
 
+def out_of_space(exc: BaseException | None) -> bool:
+    """A full disk or quota, from the file system or from SQLite (which reports it in words).
+    pydicom re-raises a write error as a new OSError with the original's text, so the causes
+    and the message are looked at too."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, OSError) and f"[Errno {errno.ENOSPC}]" in str(exc):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 class Worker:
     def __init__(self, config: Config, enhancer=None, is_derived_by_us=None):
         self.config = config
@@ -182,6 +200,10 @@ class Worker:
                     plan.note = f"not enhanced: {exc}"
                     log.warning("not enhanced", reason=str(exc))
                 except Exception as exc:  # a model/runtime error: retry, but never hold the original forever
+                    if out_of_space(exc):  # not the model's fault: wait for space, then enhance
+                        log.warning("spool full, the enhancement waits for space", error=str(exc))
+                        plan.transient = f"spool full, enhancement to be retried: {exc}"
+                        return plan
                     log.exception("enhancement failed")
                     if job.attempts + 1 < ENHANCE_ATTEMPTS:
                         plan.transient = f"enhancement failed: {exc!r}"
@@ -319,10 +341,16 @@ def main(config_path: str, stop, wake) -> None:
         try:
             if worker.run_once(stop):
                 continue
-        except Exception:  # e.g. disk full while settling: keep the jobs, try again shortly
-            log.exception("batch failed, its jobs go back to the queue")
-            worker.queue.resume()
-            stop.wait(1.0)
+        except Exception as exc:  # e.g. disk full while settling: keep the jobs, try again shortly
+            if out_of_space(exc):
+                log.error("spool full, the batch goes back to the queue", error=repr(exc))
+            else:
+                log.exception("batch failed, its jobs go back to the queue")
+            try:
+                worker.queue.resume()
+            except Exception as again:  # a full disk can refuse even that: the next start resumes them
+                log.error("cannot put the batch back yet", error=repr(again))
+            stop.wait(5.0 if out_of_space(exc) else 1.0)
             continue
         due = worker.queue.next_due()
         wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))

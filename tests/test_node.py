@@ -523,3 +523,56 @@ def test_the_worker_restart_back_off_resets_after_a_healthy_run():
     assert restart_delay(restarts) == 30.0
     restarts = restart_count(restarts, ran_seconds=WORKER_HEALTHY_SECONDS + 1)  # then it ran fine for a while
     assert restarts == 1 and restart_delay(restarts) == 2.0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system (tmpfs) for the spool: full disks are made, not mocked."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_full_spool_delays_the_enhancement_and_both_instances_follow_once_space_returns(
+        tmp_path, peers, constant_weights, small_disk):
+    import os
+    import shutil
+
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}],
+                       retry=(0.3, 1.0))
+    spool = small_disk / "spool"
+    node.config.write_text(node.config.read_text().replace('dir = "spool"', f"dir = {json.dumps(str(spool))}"))
+    start(peers, node)
+    cr = sample("RG3_UNCR.dcm")
+    # room for the received file and the queue's pages, not for the derived instance as well
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - cr.stat().st_size - 2 * 1024 * 1024))
+        os.fsync(f.fileno())
+
+    sent = storescu([cr], node.port)
+    assert sent.returncode == 0 and "Received Store Response (Success)" in sent.stderr, sent.stderr
+
+    def waiting_for_space():
+        report = node.status()
+        oldest = report["oldest_pending"]
+        return oldest and oldest["attempts"] >= 2 and report
+    report = wait_until(waiting_for_space, 60, 0.3, "the enhancement to be retried")
+    assert "spool full" in report["oldest_pending"]["last_error"], report
+    assert report["counts"]["failed"] == 0 and list(outbox.rglob("*.dcm")) == []  # not the original alone
+    assert node.proc.poll() is None
+
+    filler.unlink()
+    node.wait_drained(expected_done=1, timeout=60)
+    sent_out = [pydicom.dcmread(p, stop_before_pixels=True) for p in outbox.rglob("*.dcm")]
+    assert sorted(is_derived_by_us(ds) for ds in sent_out) == [False, True]
+    assert {str(ds.SOPInstanceUID) for ds in sent_out if not is_derived_by_us(ds)} == {uid_of(cr)}
+    assert node.status()["counts"]["failed"] == 0
