@@ -17,6 +17,18 @@ DEFAULT_CONFIG = "config.toml"
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM over TLS (PS3.15 B.1). On the node: its certificate and key, the CA its clients'
+    certificates must chain to. On a destination: the CA the PACS's certificate must chain to
+    (None: the system's), an optional client certificate, and the name to check."""
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False   # node only
+    server_hostname: str | None = None  # destination only: default its host
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "ENHANCE"
     host: str = "127.0.0.1"
@@ -29,6 +41,7 @@ class NodeSettings:
     acse_timeout: float | None = 5.0
     dimse_timeout: float | None = None
     network_timeout: float | None = None
+    tls: TlsSettings | None = None  # set: TLS only, a plain association is refused
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class DicomDestination:
     host: str
     port: int
     type: str = "dicom"
+    tls: TlsSettings | None = None
 
 
 Destination = FolderDestination | DicomDestination
@@ -176,6 +190,28 @@ def _check_ae_title(value: str, fail) -> None:
         fail(f"must be printable ASCII without backslash, got {value!r}")
 
 
+def _tls(section: _Section, base: Path, server: bool) -> TlsSettings:
+    """[node.tls] (server=True) or a destination's tls table; the files must exist."""
+    def existing(key: str) -> Path | None:
+        if key not in section.table:
+            return None
+        path = section.path(key, None, base)
+        if not path.is_file():
+            section.fail(key, f"no file at {path}")
+        return path
+
+    tls = TlsSettings(cert=existing("cert"), key=existing("key"), ca=existing("ca"),
+                      require_client_cert=section.boolean("require_client_cert", False) if server else False,
+                      server_hostname=None if server else section._get("server_hostname", None, (str,), "a string"))
+    if server and (tls.cert is None or tls.key is None):
+        section.fail("cert" if tls.cert is None else "key", "is required: the node's certificate and private key (PEM)")
+    if (tls.cert is None) != (tls.key is None):
+        section.fail("key" if tls.key is None else "cert", "is required with the other: a certificate and its private key")
+    if tls.require_client_cert and tls.ca is None:
+        section.fail("ca", "is required with require_client_cert: the CA the clients' certificates chain to")
+    return tls
+
+
 def _fraction(section: _Section, key: str, default: float) -> float:
     value = section.number(key, default, positive=False)
     if not 0 <= value < 1:
@@ -215,7 +251,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
 
     s = _Section(source, "node", raw.get("node", {}),
                  {"ae_title", "host", "port", "allowed_calling_aets", "require_called_aet", "max_associations",
-                  "acse_timeout", "dimse_timeout", "network_timeout"})
+                  "acse_timeout", "dimse_timeout", "network_timeout", "tls"})
     allowed = s.strings("allowed_calling_aets", ())
     for aet in allowed:
         _check_ae_title(aet, lambda problem: s.fail("allowed_calling_aets", problem))
@@ -229,6 +265,8 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         acse_timeout=s.number("acse_timeout", 5.0),
         dimse_timeout=s.number("dimse_timeout", None),
         network_timeout=s.number("network_timeout", None),
+        tls=None if "tls" not in s.table else _tls(_Section(source, "node.tls", s.table["tls"],
+                                                            {"cert", "key", "ca", "require_client_cert"}), base, server=True),
     )
 
     s = _Section(source, "spool", raw.get("spool", {}), {"dir"})
@@ -275,11 +313,13 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
             dest: Destination = FolderDestination(name=s.string("name", None),
                                                   path=s.path("path", None, base))
         elif kind == "dicom":
-            s = _Section(source, label, entry, {"name", "type", "ae_title", "host", "port"})
+            s = _Section(source, label, entry, {"name", "type", "ae_title", "host", "port", "tls"})
+            tls = None if "tls" not in entry else _tls(
+                _Section(source, f"{label} tls", entry["tls"], {"cert", "key", "ca", "server_hostname"}), base, server=False)
             dest = DicomDestination(name=s.string("name", None),
                                     ae_title=s.ae_title("ae_title", None),
                                     host=s.string("host", None),
-                                    port=s.integer("port", None, 1, 65535))
+                                    port=s.integer("port", None, 1, 65535), tls=tls)
         else:
             raise ConfigError(f"{source.name}: [{label}] type must be \"folder\" or \"dicom\","
                               f" got {kind!r}")

@@ -95,7 +95,12 @@ class DicomTarget:
 
     def __init__(self, dest: DicomDestination, node: NodeSettings):
         self.dest, self.node = dest, node
-        self.where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+        self.where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+        self.tls_args = None
+        if dest.tls is not None:
+            from dicom_node.tls import client_context
+
+            self.tls_args = (client_context(dest.tls, dest.name), dest.tls.server_hostname or dest.host)
 
     @property
     def name(self) -> str:
@@ -112,7 +117,7 @@ class DicomTarget:
     def _associate(self, ae: AE, contexts):
         opened = []
         assoc = ae.associate(self.dest.host, self.dest.port, contexts=contexts,
-                             ae_title=self.dest.ae_title,
+                             ae_title=self.dest.ae_title, tls_args=self.tls_args,
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(1))])
         assoc.connected = bool(opened)  # tells "refused" apart from "aborted" in messages
         return assoc

@@ -136,7 +136,7 @@ class Node:
             raise NodeError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ([node] host/port):"
                             f" {exc.strerror or exc}") from None
         self._start_worker()
-        log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
+        log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host, tls=cfg.node.tls is not None,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])
         restarts, started = 0, time.monotonic()

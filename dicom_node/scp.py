@@ -157,5 +157,11 @@ def start_scp(settings: NodeSettings, spool: Spool, queue: JobQueue,
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    ssl_context = None
+    if settings.tls is not None:
+        from dicom_node.tls import server_context
+
+        ssl_context = server_context(settings.tls)  # every connection is TLS; a plain one fails its handshake
+    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers,
+                             ssl_context=ssl_context)
     return ae, server
