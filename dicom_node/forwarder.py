@@ -27,6 +27,10 @@ from dicom_node.errors import NodeError
 from dicom_node.spool import fsync_dir, safe_name, write_atomic
 
 _config.LOG_HANDLER_LEVEL = "none"
+# Process-wide, so set once (destinations send in parallel threads): a file path given to
+# send_c_store streams its bytes after the meta untouched; a Dataset (a transcoded copy) is
+# encoded as usual either way.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 log = structlog.get_logger("dicom_node.forwarder")
 
@@ -182,9 +186,7 @@ class DicomTarget:
         uncompressed = any((item.sop_class_uid, t) in accepted for t in UNCOMPRESSED)
         try:
             if exact:
-                # The file's bytes after its meta go out as they are: untouched.
-                _config.STORE_SEND_CHUNKED_DATASET = True
-                status = assoc.send_c_store(item.path)
+                status = assoc.send_c_store(item.path)  # the file's bytes, untouched
             elif uncompressed:
                 status = assoc.send_c_store(_transcoded(item.path))
             else:
@@ -196,8 +198,6 @@ class DicomTarget:
             if not assoc.is_established:  # the peer went away between the check and the send
                 return Outcome("retry", f"association with {self.where} lost: {exc}")
             return Outcome("failed", f"cannot send to {self.where}: {exc}")
-        finally:
-            _config.STORE_SEND_CHUNKED_DATASET = False
         if "Status" not in status:
             return Outcome("retry", f"no response from {self.where} (timeout or abort)")
         outcome = classify_status(int(status.Status))

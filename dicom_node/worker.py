@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -124,6 +125,17 @@ def out_of_space(exc: BaseException | None) -> bool:
     return False
 
 
+def send_or_retry(target, items: list[Item]) -> list[Outcome]:
+    """One outcome per item from `target.send_batch`; anything unexpected is a retry."""
+    try:
+        outcomes = list(target.send_batch(items))
+    except Exception as exc:  # a bug or a surprise from a library: retry, don't die
+        log.exception("sending failed unexpectedly", destination=target.name)
+        outcomes = [Outcome("retry", f"{target.name}: {exc!r}")] * len(items)
+    missing = len(items) - len(outcomes)  # an item without an answer is not delivered
+    return outcomes[:len(items)] + [Outcome("retry", f"{target.name}: no outcome")] * max(0, missing)
+
+
 class Worker:
     def __init__(self, config: Config, enhancer=None, is_derived_by_us=None):
         self.config = config
@@ -151,20 +163,19 @@ class Worker:
                 plans.append(self.prepare(job))
         ready = [p for p in plans if p.failure is None and p.transient is None]
         delivered: list[tuple[int, str, str, str]] = []
+        work = []
         for target in self.targets:
             pending = [(plan, item) for plan in ready
                        for item in plan.items
                        if (target.name, item.kind) not in self.queue.deliveries(plan.job.id)]
-            if not pending:
-                continue
-            try:
-                outcomes = target.send_batch([item for _, item in pending])
-            except Exception as exc:  # a bug or a surprise from a library: retry, don't die
-                log.exception("sending failed unexpectedly", destination=target.name)
-                outcomes = [Outcome("retry", f"{target.name}: {exc!r}")] * len(pending)
-            missing = len(pending) - len(outcomes)  # an item without an answer is not delivered
-            outcomes = list(outcomes) + [Outcome("retry", f"{target.name}: no outcome")] * max(0, missing)
-            for (plan, item), outcome in zip(pending, outcomes):
+            if pending:
+                work.append((target, pending))
+        # every destination at once: a PACS that hangs until its timeouts holds up only itself
+        with ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
+            sent = [(target, pending, pool.submit(send_or_retry, target, [item for _, item in pending]))
+                    for target, pending in work]
+        for target, pending, future in sent:
+            for (plan, item), outcome in zip(pending, future.result()):
                 plan.outcomes.append((target.name, item, outcome))
                 if outcome.delivered:
                     delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))

@@ -576,3 +576,40 @@ def test_a_full_spool_delays_the_enhancement_and_both_instances_follow_once_spac
     assert sorted(is_derived_by_us(ds) for ds in sent_out) == [False, True]
     assert {str(ds.SOPInstanceUID) for ds in sent_out if not is_derived_by_us(ds)} == {uid_of(cr)}
     assert node.status()["counts"]["failed"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_hanging_pacs_holds_up_only_itself_and_gets_everything_once_a_real_one_answers(
+        tmp_path, peers, constant_weights):
+    import socket
+    import time
+
+    hanging = socket.socket()  # accepts TCP (the kernel's backlog) and never answers a PDU
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(16)
+    pacs_port = hanging.getsockname()[1]
+    outbox, received = tmp_path / "outbox", tmp_path / "pacs"
+    received.mkdir()
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [  # the hanging one first
+        {"name": "pacs", "type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port},
+        {"name": "archive", "type": "folder", "path": str(outbox)}], retry=(0.3, 1.0)))
+    ct = sample("CT_small.dcm")
+
+    t0 = time.monotonic()
+    assert storescu([ct], node.port).returncode == 0
+    wait_until(lambda: list(outbox.rglob("*.dcm")), 10, what="the folder copy")
+    assert time.monotonic() - t0 < 3.5  # not behind the PACS's 5 s ACSE timeout
+    report = wait_until(lambda: (r := node.status())["oldest_pending"] and r["oldest_pending"]["attempts"] >= 1 and r,
+                        30, 0.3, "the PACS delivery to be retried")
+    assert "pacs" in report["oldest_pending"]["last_error"]
+
+    hanging.close()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node.wait_drained(expected_done=1, timeout=60)
+        assert [pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()] == [uid_of(ct)]
+        assert len(list(outbox.rglob("*.dcm"))) == 1  # the folder got it once, not again on the retries
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
