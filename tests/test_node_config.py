@@ -62,7 +62,7 @@ port = 104
 """
     config = load_config(write(tmp_path, text))
     assert config.node.allowed_calling_aets == ("CR01", "DX02")
-    assert config.node.dimse_timeout == 12.5 and config.node.acse_timeout is None
+    assert config.node.dimse_timeout == 12.5 and config.node.acse_timeout == 5.0  # the default: probes drop fast
     assert config.destination("pacs") == DicomDestination("pacs", "PACS", "10.0.0.5", 104)
 
 
