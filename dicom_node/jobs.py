@@ -98,6 +98,11 @@ class JobQueue:
             self._local.conn = conn
         return conn
 
+    def integrity_problem(self) -> str | None:
+        """None when SQLite's quick check passes, else what it found."""
+        rows = [r[0] for r in self._conn().execute("PRAGMA quick_check").fetchall()]
+        return None if rows == ["ok"] else "; ".join(rows[:5])
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

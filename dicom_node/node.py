@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -47,9 +48,33 @@ def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
             queue.add(str(meta.MediaStorageSOPInstanceUID), str(meta.MediaStorageSOPClassUID), path)
             adopted += 1
-        except Exception as exc:
-            log.warning("unreadable file in incoming/ left alone", path=str(path), error=repr(exc))
+        except Exception as exc:  # not even its meta reads: kept aside with the reason, never deleted
+            folder = spool.quarantine([path], f"{path.name} in incoming/ had no job and cannot be read: {exc!r}")
+            log.error("unreadable file in incoming/ quarantined", path=str(path), quarantine=str(folder),
+                      error=repr(exc))
     return adopted
+
+
+def open_queue(spool: Spool) -> JobQueue:
+    """The spool's queue. A database SQLite cannot read (a torn disk, a foreign file) is moved to
+    quarantine/ with the reason, with the derived files its job ids named, and a new queue is
+    made; `adopt_orphans` then queues every received file again, so nothing acknowledged is
+    lost (an image already delivered may be sent again, with the same UIDs)."""
+    try:
+        queue = JobQueue(spool.db_path)
+        problem = queue.integrity_problem()
+    except sqlite3.DatabaseError as exc:
+        queue, problem = None, repr(exc)
+    if problem is None:
+        return queue
+    if queue is not None:
+        queue.close()
+    db = spool.db_path
+    stale = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), *sorted(spool.derived.iterdir())]
+    folder = spool.quarantine(stale, f"the job queue {db.name} could not be read: {problem}\n"
+                                     "a new queue was made; the files in incoming/ were queued again")
+    log.error("job queue unreadable, quarantined; a new one is made", quarantine=str(folder), problem=problem)
+    return JobQueue(spool.db_path)
 
 
 def check_ready(config: Config) -> None:
@@ -119,7 +144,7 @@ class Node:
         check_ready(cfg)
         spool = Spool(cfg.spool.dir).create().lock()  # before touching anything in it
         spool.remove_partials()
-        queue = JobQueue(spool.db_path)
+        queue = open_queue(spool)
         adopted = adopt_orphans(spool, queue)
         if adopted:
             log.warning("queued files found in incoming/ without a job", count=adopted)

@@ -10,6 +10,7 @@ Layout under [spool] dir::
     incoming/<SOP Instance UID>.<token>.dcm   as received, before and during processing
     derived/<job id>.dcm                      enhanced instance waiting to be forwarded
     failed/<job id>-<SOP Instance UID>.dcm    held with <same name>.reason.txt beside it
+    quarantine/<time>/                        what could not be read at start, with reason.txt
     queue.sqlite3                             the job queue (see jobs.py)
     node.lock                                 held (flock) by the one node serving this spool
 """
@@ -19,6 +20,7 @@ import fcntl
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -139,6 +141,20 @@ class Spool:
             fsync_dir(self.failed)
             fsync_dir(source.parent)
         return held
+
+    def quarantine(self, paths: list[Path], reason: str) -> Path:
+        """Move `paths` (those that exist) into a new quarantine/<time>/ folder with a
+        reason.txt; nothing is deleted. Returns the folder."""
+        folder = self.root / "quarantine" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder = folder.with_name(f"{folder.name}-{secrets.token_hex(3)}")
+        folder.mkdir(parents=True)
+        write_atomic(folder / "reason.txt", (reason.rstrip() + "\n").encode())
+        for path in paths:
+            if path.exists():
+                os.replace(path, folder / path.name)
+                fsync_dir(path.parent)
+        fsync_dir(folder)
+        return folder
 
     def remove(self, *paths: Path, sync: bool = True) -> None:
         """Delete spool files whose work is complete (missing ones are fine).

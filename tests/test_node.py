@@ -613,3 +613,32 @@ def test_a_hanging_pacs_holds_up_only_itself_and_gets_everything_once_a_real_one
     finally:
         pacs.terminate()
         pacs.wait(10)
+
+
+@pytest.mark.timeout(90)
+def test_a_corrupt_queue_and_an_unreadable_spool_file_are_quarantined_and_the_node_starts(
+        tmp_path, peers, constant_weights):
+    import shutil
+
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}])
+    ct = sample("CT_small.dcm")
+    for folder in ("incoming", "derived"):
+        (node.spool / folder).mkdir(parents=True)
+    shutil.copy(ct, node.spool / "incoming" / f"{uid_of(ct)}.0a1b2c3d.dcm")  # acknowledged before the crash
+    junk = node.spool / "incoming" / "1.2.3.4.deadbeef.dcm"
+    junk.write_bytes(b"torn by the crash " * 20)
+    (node.spool / "queue.sqlite3").write_bytes(b"not an SQLite database " * 200)
+    (node.spool / "derived" / "1.dcm").write_bytes(b"a derived file of the lost queue's job 1")
+
+    start(peers, node)
+    node.wait_drained(expected_done=1)
+
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in outbox.rglob("*.dcm")] == [uid_of(ct)]
+    reasons = {p.parent: p.read_text() for p in (node.spool / "quarantine").glob("*/reason.txt")}
+    (db_folder,) = [f for f, text in reasons.items() if "job queue queue.sqlite3 could not be read" in text]
+    assert (db_folder / "queue.sqlite3").read_bytes().startswith(b"not an SQLite database")
+    assert (db_folder / "1.dcm").is_file()  # not sent as the derived instance of a new job 1
+    (junk_folder,) = [f for f, text in reasons.items() if "1.2.3.4.deadbeef.dcm" in text]
+    assert "cannot be read" in reasons[junk_folder] and (junk_folder / junk.name).is_file()
+    assert node.proc.poll() is None and node.status()["counts"]["failed"] == 0
