@@ -642,3 +642,33 @@ def test_a_corrupt_queue_and_an_unreadable_spool_file_are_quarantined_and_the_no
     (junk_folder,) = [f for f, text in reasons.items() if "1.2.3.4.deadbeef.dcm" in text]
     assert "cannot be read" in reasons[junk_folder] and (junk_folder / junk.name).is_file()
     assert node.proc.poll() is None and node.status()["counts"]["failed"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_associations_past_the_limit_are_rejected_and_the_node_accepts_again_once_they_close(
+        tmp_path, peers, constant_weights):
+    import time
+
+    from pynetdicom.sop_class import Verification
+
+    node = start(peers, NodeProcess(tmp_path / "node", constant_weights,
+                                    [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}]))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+
+    time.sleep(6)  # the start-up port probe (a bare TCP connect) holds a slot until acse_timeout, 5 s
+    held = [ae.associate("127.0.0.1", node.port, ae_title="ENHANCE") for _ in range(10 + 5)]  # max_associations 10
+
+    established = [a for a in held if a.is_established]
+    rejected = [a for a in held if a.is_rejected]
+    assert len(established) == 10 and len(rejected) == 5, (len(established), len(rejected))
+    assert all(a.acceptor.primitive.result_source == 3 and a.acceptor.primitive.diagnostic == 2 for a in rejected)
+    for assoc in established:
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    again = wait_until(lambda: (a := ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")).is_established and a,
+                       15, 0.5, "a new association to be accepted")
+    assert again.send_c_echo().Status == 0x0000
+    again.release()
+    assert node.proc.poll() is None
