@@ -156,9 +156,10 @@ class NodeProcess:
 class Orthanc:
     """A real Orthanc on loopback with its own storage; REST for assertions."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC"):
+    def __init__(self, folder: Path, aet: str = "ORTHANC", record_stores: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.stores_log = self.folder / "stores.txt"
         self.aet, self.dicom_port, self.http_port = aet, free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         config = {
@@ -170,6 +171,12 @@ class Orthanc:
             "DicomAlwaysAllowStore": True, "Plugins": [], "ConcurrentJobs": 1,
             "HttpThreadsCount": 4, "DicomThreadsCount": 2, "SaveJobs": False,
         }
+        if record_stores:  # every store, a repeated one too (Orthanc then overwrites), one line each
+            script = self.folder / "record.lua"
+            script.write_text('function OnStoredInstance(instanceId, tags, metadata, origin)\n'
+                              f'  local f = io.open("{self.stores_log}", "a")\n'
+                              '  f:write(tags["SOPInstanceUID"] .. "\\n")\n  f:close()\nend\n')
+            config.update({"LuaScripts": [str(script)], "OverwriteInstances": True})
         self.config = self.folder / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
@@ -212,6 +219,10 @@ class Orthanc:
     def sop_uids(self) -> list[str]:
         """SOP Instance UIDs of every stored instance (one entry per stored instance)."""
         return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")]
+
+    def stores(self) -> list[str]:
+        """SOP Instance UIDs of every store Orthanc took, repeats included (record_stores)."""
+        return self.stores_log.read_text().split() if self.stores_log.exists() else []
 
     def instance_ids(self) -> dict[str, str]:
         return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.get("/instances?expand")}
