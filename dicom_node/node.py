@@ -26,8 +26,11 @@ from dicom_node.spool import Spool
 
 log = structlog.get_logger("dicom_node.node")
 
-DRAIN_SECONDS = 30      # how long in-progress associations may take after a stop request
-WORKER_STOP_SECONDS = 60  # how long the worker may take to finish its batch
+# A stop takes at most DRAIN_SECONDS + WORKER_STOP_SECONDS + 5 s (45 s; a service manager's
+# usual limit is 90 s). Cutting either short loses nothing: an association aborted mid-store
+# was not acknowledged, and a worker's unfinished batch is resumed at the next start.
+DRAIN_SECONDS = 15      # how long in-progress associations may take after a stop request
+WORKER_STOP_SECONDS = 25  # how long the worker may take to finish its batch
 WORKER_HEALTHY_SECONDS = 60  # a worker that ran this long before exiting restarts without back-off
 
 

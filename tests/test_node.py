@@ -115,6 +115,7 @@ def test_unknown_calling_ae_is_rejected_and_nothing_is_spooled(tmp_path, peers, 
     assert [p.name for p in outbox.rglob("*.dcm")] == [f"{uid_of(ct)}.dcm"]
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(180)
 def test_orthanc_down_jobs_wait_and_retry_then_everything_arrives(tmp_path, peers, constant_weights):
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started yet
@@ -145,6 +146,7 @@ def test_orthanc_down_jobs_wait_and_retry_then_everything_arrives(tmp_path, peer
     assert node.status()["counts"]["failed"] == 0
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(240)
 def test_kill_9_mid_stream_every_acknowledged_image_arrives_exactly_once(tmp_path, peers, constant_weights):
     orthanc = start(peers, Orthanc(tmp_path / "orthanc"))
@@ -443,6 +445,7 @@ def test_a_second_node_on_the_same_spool_exits_with_one_clear_line(tmp_path, pee
     assert storescu([sample("CT_small.dcm")], node.port).returncode == 0  # the first one is unharmed
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(60)
 def test_a_connection_that_never_associates_is_dropped_within_seconds(tmp_path, peers, constant_weights):
     import socket
@@ -538,6 +541,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(180)
 def test_a_full_spool_delays_the_enhancement_and_both_instances_follow_once_space_returns(
         tmp_path, peers, constant_weights, small_disk):
@@ -570,14 +574,31 @@ def test_a_full_spool_delays_the_enhancement_and_both_instances_follow_once_spac
     assert report["counts"]["failed"] == 0 and list(outbox.rglob("*.dcm")) == []  # not the original alone
     assert node.proc.poll() is None
 
+    # now completely full: a store that cannot be made durable is refused, never acknowledged
+    full = small_disk / "full"
+    with open(full, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+    ct = sample("CT_small.dcm")
+    refused = storescu([ct], node.port)
+    assert "Received Store Response (Refused: OutOfResources)" in refused.stderr, refused.stderr  # 0xA700
+    assert node.proc.poll() is None
+
     filler.unlink()
-    node.wait_drained(expected_done=1, timeout=60)
+    full.unlink()
+    again = storescu([ct], node.port)  # the modality sends it again once the node accepts
+    assert "Received Store Response (Success)" in again.stderr, again.stderr
+    node.wait_drained(expected_done=2, timeout=60)
     sent_out = [pydicom.dcmread(p, stop_before_pixels=True) for p in outbox.rglob("*.dcm")]
-    assert sorted(is_derived_by_us(ds) for ds in sent_out) == [False, True]
-    assert {str(ds.SOPInstanceUID) for ds in sent_out if not is_derived_by_us(ds)} == {uid_of(cr)}
-    assert node.status()["counts"]["failed"] == 0
+    assert sorted(is_derived_by_us(ds) for ds in sent_out) == [False, False, True]
+    assert {str(ds.SOPInstanceUID) for ds in sent_out if not is_derived_by_us(ds)} == {uid_of(cr), uid_of(ct)}
+    assert node.status()["counts"]["failed"] == 0 and node.proc.poll() is None
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(120)
 def test_a_hanging_pacs_holds_up_only_itself_and_gets_everything_once_a_real_one_answers(
         tmp_path, peers, constant_weights):
@@ -615,6 +636,7 @@ def test_a_hanging_pacs_holds_up_only_itself_and_gets_everything_once_a_real_one
         pacs.wait(10)
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(90)
 def test_a_corrupt_queue_and_an_unreadable_spool_file_are_quarantined_and_the_node_starts(
         tmp_path, peers, constant_weights):
@@ -644,6 +666,7 @@ def test_a_corrupt_queue_and_an_unreadable_spool_file_are_quarantined_and_the_no
     assert node.proc.poll() is None and node.status()["counts"]["failed"] == 0
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(90)
 def test_associations_past_the_limit_are_rejected_and_the_node_accepts_again_once_they_close(
         tmp_path, peers, constant_weights):
