@@ -10,18 +10,22 @@ import datetime as _dt
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 MODES = ("voi", "burn-in")
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+CR_STORAGE = uid.ComputedRadiographyImageStorage
+DX_FOR_PRESENTATION = uid.DigitalXRayImageStorageForPresentation
+DX_FOR_PROCESSING = uid.DigitalXRayImageStorageForProcessing
 # Classes whose IOD makes the Modality LUT (Rescale) mandatory: DX family (PS3.3 C.8.11.3).
 REQUIRES_RESCALE = {DX_FOR_PRESENTATION, DX_FOR_PROCESSING,
-                    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",  # MG
-                    "1.2.840.10008.5.1.4.1.1.1.3", "1.2.840.10008.5.1.4.1.1.1.3.1"}  # IO
+                    uid.DigitalMammographyXRayImageStorageForPresentation,
+                    uid.DigitalMammographyXRayImageStorageForProcessing,
+                    uid.DigitalIntraOralXRayImageStorageForPresentation,
+                    uid.DigitalIntraOralXRayImageStorageForProcessing}
 #: The classes meant by the modality names of [model] enhance and of synthetic archives.
 SOP_CLASSES_BY_MODALITY = {"CR": (CR_STORAGE,), "DX": (DX_FOR_PRESENTATION, DX_FOR_PROCESSING)}
 
@@ -109,7 +113,8 @@ def _to_uint16(values: np.ndarray) -> bytes:
 
 
 def _ds_str(value: float) -> str:
-    return f"{value:.6g}"[:16]
+    """A Decimal String of at most 16 characters (PS3.5 6.2)."""
+    return format_number_as_ds(float(value))
 
 
 def derive_instance(
