@@ -132,7 +132,7 @@ class Node:
 
         self.worker = self._mp.Process(
             target=worker.main, name="dicom-node-worker",
-            args=(str(self.config.path), self.stop_worker, self.wake))
+            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level))
         self.worker.start()
         log.info("worker started", pid=self.worker.pid)
 
@@ -144,6 +144,8 @@ class Node:
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status (0 on a clean stop)."""
         cfg = self.config
+        log.debug("configuration", path=str(cfg.path), node=repr(cfg.node), model=repr(cfg.model),
+                  destinations=[repr(d) for d in cfg.destinations])
         check_ready(cfg)
         spool = Spool(cfg.spool.dir).create().lock()  # before touching anything in it
         spool.remove_partials()

@@ -21,13 +21,22 @@ def _iso(ts: float | None) -> str | None:
 
 @click.command()
 @_config_option
-def serve(config_path: str) -> None:
+@click.option("--host", default=None, help="Bind address, instead of [node] host.")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="Port, instead of [node] port.")
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Instead of [logging] level (the worker's too).")
+def serve(config_path: str, host: str | None, port: int | None, log_level: str | None) -> None:
     """Run the node: receive, spool, enhance and forward until SIGTERM/SIGINT."""
+    from dataclasses import replace
+
     from dicom_node.config import load_config
     from dicom_node.logs import configure_logging
     from dicom_node.node import Node
 
     config = load_config(config_path)
+    config = replace(config, node=replace(config.node, host=host or config.node.host,
+                                          port=config.node.port if port is None else port),
+                     logging=replace(config.logging, level=log_level or config.logging.level))
     configure_logging(config.logging.format, config.logging.level)
     sys.exit(Node(config).serve())
 
@@ -86,14 +95,21 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
 
 
 @click.command()
-@click.argument("destination")
+@click.argument("destination", required=False)
 @_config_option
-def echo(destination: str, config_path: str) -> None:
-    """C-ECHO the configured DESTINATION (a name from [[destinations]])."""
-    from dicom_node.config import load_config
+def echo(destination: str | None, config_path: str) -> None:
+    """C-ECHO the configured DESTINATION (a name from [[destinations]]); without one, the node
+    itself (is it up and answering as [node] ae_title?)."""
+    from dicom_node.config import DicomDestination, TlsSettings, load_config
     from dicom_node.forwarder import make_target
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # our message says it once
     config = load_config(config_path)
-    target = make_target(config.destination(destination), config.node)
-    click.echo(target.echo())
+    if destination is None:
+        node, tls = config.node, config.node.tls
+        host = "127.0.0.1" if node.host in ("", "0.0.0.0") else "::1" if node.host == "::" else node.host
+        dest = DicomDestination(name="node", ae_title=node.ae_title, host=host, port=node.port,
+                                tls=None if tls is None else TlsSettings(cert=tls.cert, key=tls.key, ca=tls.ca))
+    else:
+        dest = config.destination(destination)
+    click.echo(make_target(dest, config.node).echo())

@@ -328,13 +328,13 @@ def _load_enhancer(config: Config):
     return enhancer, is_derived_by_us
 
 
-def main(config_path: str, stop, wake) -> None:
+def main(config_path: str, stop, wake, log_level: str | None = None) -> None:
     """Process entry point: work until `stop` is set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     os.nice(WORKER_NICENESS)
     config = load_config(config_path)
-    configure_logging(config.logging.format, config.logging.level)
+    configure_logging(config.logging.format, log_level or config.logging.level)  # serve --log-level wins
     structlog.contextvars.bind_contextvars(process="worker")
     enhancer, is_ours = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)

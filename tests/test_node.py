@@ -277,6 +277,11 @@ def test_folder_destination_end_to_end_with_status_echo_and_no_second_enhancemen
         assert "could not connect" in down.stderr and "NOBODY@127.0.0.1" in down.stderr
         unknown = node.cli("echo", "nope")
         assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr
+        itself = node.cli("echo")  # no destination: the node itself
+        assert itself.returncode == 0 and f"ENHANCE@127.0.0.1:{node.port}" in itself.stdout, itself.stderr
+        assert "C-ECHO success" in itself.stdout
+        stopped = unreachable.cli("echo")
+        assert stopped.returncode == 2 and "could not connect" in stopped.stderr
 
         # our own output sent back in is forwarded, never enhanced again (no loops)
         before = set(outbox.rglob("*.dcm"))
@@ -695,3 +700,28 @@ def test_associations_past_the_limit_are_rejected_and_the_node_accepts_again_onc
     assert again.send_c_echo().Status == 0x0000
     again.release()
     assert node.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_serve_takes_host_port_and_log_level_from_the_command_line(tmp_path, constant_weights):
+    import os
+    import signal
+    import sys
+
+    from tests.node_peers import REPO, port_open
+
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(tmp_path / "o")}])
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "from dicom_node.cli import main; main()", "serve", "--config",
+                                 str(node.config), "--port", str(port), "--host", "127.0.0.1", "--log-level", "debug"],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            wait_until(lambda: port_open(port) or proc.poll() is not None, 30, what="the node on --port")
+            assert proc.poll() is None and port != node.port
+            wait_until(lambda: '"level": "debug"' in log.read_text(), 30, what="a debug line")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
