@@ -1,18 +1,20 @@
 """Soak: does the node ever lose or duplicate an image? Counted in a real Orthanc.
 
-N instances (a third CR, enhanced; the rest CT and MR, passed through) are sent by DCMTK
+N instances (a third real CR, enhanced; the rest CT and MR, passed through) are sent by DCMTK
 storescu from 3 parallel senders, each an association of up to 25 files at a time; a file
 whose store was not acknowledged is sent again, as a modality does. Meanwhile the node is
-`kill -9`ed (with its worker) K times at random moments and restarted, and Orthanc is stopped
-for S seconds. Orthanc records every store it takes (a Lua hook; repeats overwrite), so
+`kill -9`ed (with its worker) K times and restarted, and Orthanc is stopped for S seconds, at
+random moments of the run's progress (half the share acknowledged, half the share of the
+originals in Orthanc: faults land while images arrive and while the worker enhances and
+forwards them). Orthanc records every store it takes (a Lua hook; a repeat overwrites), so
 
     sent N acked N delivered N lost 0 duplicated D
 
 counts by SOP Instance UID: acked = acknowledged instances, delivered = acknowledged ones in
 Orthanc, lost = acknowledged and not delivered, duplicated = instances Orthanc was sent more
-than once (at-least-once delivery: a kill between a send and its record sends again; the PACS
-keeps one instance). For the CRs: each has exactly one enhanced instance in Orthanc, and no two
-enhanced instances share a source.
+than once (delivery is at least once: a kill between a send and its record sends again; the
+PACS keeps one instance). For the CRs: each has exactly one enhanced instance in Orthanc, and
+no two enhanced instances share a source.
 
     .venv/bin/python benchmarks/soak.py [--n 1000] [--kills 3] [--outage 60] [--seed 0]
 """
@@ -112,34 +114,48 @@ def main(argv=None) -> int:
                     todo.extend(missed)
                     time.sleep(0.5)
 
+        in_pacs_count = [0]
+
+        def progress() -> float:
+            """Half receiving (acknowledged), half delivering (originals in Orthanc): kills land
+            while images arrive and while the worker enhances and forwards them."""
+            if orthanc.proc is not None and orthanc.proc.poll() is None:
+                try:
+                    in_pacs_count[0] = len(set(orthanc.sop_uids()) & set(uid.values()))
+                except OSError:
+                    pass
+            with lock:
+                return (len(acked) + in_pacs_count[0]) / (2 * len(files))
+
         def chaos():
-            kill_at = sorted(rng.uniform(0.1, 0.8) for _ in range(args.kills))
+            kill_at = sorted(rng.uniform(0.1, 0.9) for _ in range(args.kills))
             outage_at = rng.uniform(0.2, 0.4)
             outage_done = False
             while kill_at or not outage_done:
-                with lock:
-                    share = len(acked) / len(files)
+                share = progress()
                 if kill_at and share >= kill_at[0]:
                     kill_at.pop(0)
                     node.kill9()
-                    events.append(f"kill -9 at {share:.0%} acked")
+                    events.append(f"kill -9 at {share:.0%}")
                     time.sleep(rng.uniform(0.5, 2.0))
                     node.start()
                 if not outage_done and share >= outage_at:
                     orthanc.stop()
-                    events.append(f"Orthanc down at {share:.0%} acked")
+                    events.append(f"Orthanc down at {share:.0%}")
                     threading.Timer(args.outage, orthanc.start).start()
                     outage_done = True
                 if share >= 1:
                     break
-                time.sleep(0.05)
+                time.sleep(0.5)
 
-        threads = [threading.Thread(target=sender, args=(q,)) for q in queues] + [threading.Thread(target=chaos)]
-        for t in threads:
+        senders = [threading.Thread(target=sender, args=(q,)) for q in queues]
+        chaos_thread = threading.Thread(target=chaos)
+        for t in [*senders, chaos_thread]:
             t.start()
-        for t in threads:
+        for t in senders:
             t.join()
         sent_seconds = time.time() - started
+        chaos_thread.join()
         wait_until(lambda: orthanc.proc is not None and orthanc.proc.poll() is None and orthanc._alive(),
                    args.outage + 60, 1.0, "Orthanc back")
         node.wait_drained(timeout=1800)

@@ -12,7 +12,7 @@ Every outcome is classified for the worker (DICOM PS3.4 B.2.3, PS3.7 C):
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +159,8 @@ class DicomTarget:
                     contexts.append(build_context(key[0], syntaxes))
         return contexts[:128]
 
-    def send_batch(self, items: Sequence[Item]) -> list[Outcome]:
+    def send_batch(self, items: Sequence[Item], on_delivered: Callable[[Item], None] | None = None) -> list[Outcome]:
+        """One association for the batch; `on_delivered(item)` right after each success."""
         if not items:
             return []
         ae = self._ae()
@@ -174,6 +175,8 @@ class DicomTarget:
                     outcomes.append(Outcome("retry", f"association with {self.where} lost"))
                     continue
                 outcomes.append(self._send_one(assoc, item))
+                if outcomes[-1].delivered and on_delivered is not None:
+                    on_delivered(item)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -243,9 +246,10 @@ class FolderTarget:
             raise EchoFailed(f"{self.dest.name}: folder {self.dest.path} is not writable: {exc}") from None
         return f"{self.dest.name}: folder {self.dest.path} is writable"
 
-    def send_batch(self, items: Sequence[Item]) -> list[Outcome]:
+    def send_batch(self, items: Sequence[Item], on_delivered: Callable[[Item], None] | None = None) -> list[Outcome]:
         """Each file tmp + fsync + rename; then one fsync per touched folder (including
-        the parents of folders made for a new patient/study/series) for the whole batch."""
+        the parents of folders made for a new patient/study/series) for the whole batch.
+        (`on_delivered` is not needed here: writing a file again is harmless.)"""
         outcomes, folders = [], set()
         for item in items:
             try:

@@ -183,6 +183,13 @@ class JobQueue:
         return {(row[0], row[1]) for row in self._conn().execute(
             "SELECT destination, item FROM deliveries WHERE job_id = ?", (job_id,))}
 
+    def record_delivery(self, job_id: int, destination: str, item: str, sop_instance_uid: str) -> None:
+        """One delivery, committed as soon as the destination confirmed it: a crash later in the
+        batch then re-sends only what was not confirmed (settle records it again, harmlessly)."""
+        with self._conn() as conn:
+            conn.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
+                         (job_id, destination, item, sop_instance_uid, time.time()))
+
     def settle(self, deliveries=(), done=(), retries=(), failed=()) -> None:
         """A whole batch in one transaction (one fsync instead of several per job).
 

@@ -125,10 +125,10 @@ def out_of_space(exc: BaseException | None) -> bool:
     return False
 
 
-def send_or_retry(target, items: list[Item]) -> list[Outcome]:
+def send_or_retry(target, items: list[Item], on_delivered=None) -> list[Outcome]:
     """One outcome per item from `target.send_batch`; anything unexpected is a retry."""
     try:
-        outcomes = list(target.send_batch(items))
+        outcomes = list(target.send_batch(items, on_delivered))
     except Exception as exc:  # a bug or a surprise from a library: retry, don't die
         log.exception("sending failed unexpectedly", destination=target.name)
         outcomes = [Outcome("retry", f"{target.name}: {exc!r}")] * len(items)
@@ -172,7 +172,8 @@ class Worker:
                 work.append((target, pending))
         # every destination at once: a PACS that hangs until its timeouts holds up only itself
         with ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
-            sent = [(target, pending, pool.submit(send_or_retry, target, [item for _, item in pending]))
+            sent = [(target, pending, pool.submit(send_or_retry, target, [item for _, item in pending],
+                                                  self._recorder(target.name, pending)))
                     for target, pending in work]
         for target, pending, future in sent:
             for (plan, item), outcome in zip(pending, future.result()):
@@ -190,6 +191,18 @@ class Worker:
             with structlog.contextvars.bound_contextvars(**fields.pop("context")):
                 getattr(log, fields.pop("level"))(event, **fields)
         return len(jobs)
+
+    def _recorder(self, destination: str, pending: list[tuple[Plan, Item]]):
+        """Records each confirmed delivery at once (from the sending thread), so a crash in
+        the middle of a batch re-sends only what the destination had not confirmed."""
+        job_of = {id(item): plan.job.id for plan, item in pending}
+
+        def record(item: Item) -> None:
+            try:
+                self.queue.record_delivery(job_of[id(item)], destination, item.kind, item.sop_instance_uid)
+            except Exception as exc:  # e.g. a full disk: the batch's settlement records it again
+                log.warning("delivery not recorded yet", destination=destination, error=repr(exc))
+        return record
 
     def prepare(self, job: Job) -> Plan:
         plan = Plan(job)
