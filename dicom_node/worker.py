@@ -336,8 +336,11 @@ def _load_enhancer(config: Config):
     started = time.perf_counter()
     enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
                         max_burnt_out=config.model.max_burnt_out)
-    log.info("model loaded", weights=str(config.model.weights), device=config.model.device,
-             mode=config.model.mode, seconds=round(time.perf_counter() - started, 2))
+    predictor = enhancer.predictor
+    predictor.checkpoint  # noqa: B018 - load now (it is lazy), so the time and a bad file show here
+    log.info("model loaded", weights=str(config.model.weights), model=predictor.name,
+             device=str(predictor.device), configured_device=config.model.device, mode=config.model.mode,
+             seconds=round(time.perf_counter() - started, 2))
     return enhancer, is_derived_by_us
 
 

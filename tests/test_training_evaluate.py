@@ -77,6 +77,7 @@ def test_synth_train_evaluate_through_the_cli(tmp_path):
                              "--max-size", "320", "--no-real"])
     assert r.exit_code == 0, r.output
     assert (arch / "manifest.csv").is_file()
+    assert "\r" not in r.output  # no progress line piled up in a pipe or a log
     r = runner.invoke(main, ["train", "--archive", str(arch), "--out", str(weights), "--epochs", "2", "--width", "4", "--downsample", "4",
                              "--crop", "64", "--threads", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
@@ -84,6 +85,7 @@ def test_synth_train_evaluate_through_the_cli(tmp_path):
     r = runner.invoke(main, ["evaluate", "--archive", str(arch), "--weights", str(weights), "--csv", str(tmp_path / "e.csv")])
     assert r.exit_code == 0, r.output
     assert "B: teacher on input" in r.output and (tmp_path / "e.csv").is_file()
+    assert "\r" not in r.output
 
 
 def test_evaluate_scores_the_model_with_the_window_guard_and_without(small_archive, tmp_path):

@@ -10,6 +10,22 @@ import sys
 import click
 
 
+class ProgressLine:
+    """A one-line progress display rewritten with \\r on a terminal; silent in a pipe or a log
+    file, where \\r would pile every update onto one endless line."""
+
+    def __init__(self, render):
+        self.render, self.shown = render, sys.stderr.isatty()
+
+    def __call__(self, *args) -> None:
+        if self.shown:
+            click.echo("\r" + self.render(*args), nl=False, err=True)
+
+    def end(self) -> None:
+        if self.shown:
+            click.echo("", err=True)
+
+
 @click.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(), help="Archive folder (or .zip path) to write.")
 @click.option("--n", "n", default=40, show_default=True, type=click.IntRange(1), help="Number of phantom anatomies.")
@@ -29,14 +45,15 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
     from training.synth import synthesise
 
     count = [0]
+    line = ProgressLine(lambda rid: f"{count[0]} images ({rid})")
 
     def progress(rid):
         count[0] += 1
-        click.echo(f"\r{count[0]} images ({rid})", nl=False, err=True)
+        line(rid)
 
     path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress,
                       only=tuple(only) or None, real_split=real_split)
-    click.echo("", err=True)
+    line.end()
     click.echo(f"wrote {count[0]} acquisitions to {path}")
 
 
@@ -114,9 +131,10 @@ def evaluate_command(archive, weights, split, csv_path, device, cache, groups, g
     from training.evaluate import evaluate
 
     device = _device(device, resolve_device)
+    line = ProgressLine(lambda rid: f"{rid:<40}")
     result = evaluate(archive, weights, split=split, device=device, csv_path=csv_path, cache=cache or None,
-                      progress=lambda rid: click.echo(f"\r{rid:<40}", nl=False, err=True), only_groups=tuple(groups), guard=guard)
-    click.echo("", err=True)
+                      progress=line, only_groups=tuple(groups), guard=guard)
+    line.end()
     n = result.summary[0]["images"]
     click.echo(f"split {split}: {n} images; PSNR/SSIM of z (displayed), full resolution, data_range 1")
     click.echo(result.table())

@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         order = epoch_order(train_items, cfg, epoch)
         batches = [np.arange(i, min(i + cfg.batch, len(order))) for i in range(0, len(order), cfg.batch)]
         bar = None
-        if main and cfg.progress:
+        if main and cfg.progress and sys.stderr.isatty():  # a bar in a log file is noise
             from tqdm import tqdm
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
