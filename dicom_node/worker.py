@@ -337,7 +337,11 @@ def _load_enhancer(config: Config):
     enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
                         max_burnt_out=config.model.max_burnt_out)
     predictor = enhancer.predictor
-    predictor.checkpoint  # noqa: B018 - load now (it is lazy), so the time and a bad file show here
+    try:
+        predictor.checkpoint  # noqa: B018 - load now (it is lazy), so the time and a bad file show here
+    except Exception as exc:  # each job then tries again, and forwards its original after ENHANCE_ATTEMPTS
+        log.error("model cannot be loaded", weights=str(config.model.weights), error=repr(exc))
+        return enhancer, is_derived_by_us
     log.info("model loaded", weights=str(config.model.weights), model=predictor.name,
              device=str(predictor.device), configured_device=config.model.device, mode=config.model.mode,
              seconds=round(time.perf_counter() - started, 2))
