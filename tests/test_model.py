@@ -212,3 +212,21 @@ def test_the_untrained_prior_model_shows_a_global_gain_and_offset_of_the_acquisi
             maps = model(downsample_image(xp, 8))
         shown.append(remap(xp, *maps.split(1, dim=1), downsample=8).z.numpy())
     assert -10 * np.log10(np.mean((shown[0] - shown[1]) ** 2)) > 40
+
+
+def test_a_prior_model_without_a_correction_skips_the_network_at_inference_with_the_same_maps():
+    """The untrained (zero-head) prior model is exactly the teacher: inference does not run the
+    network nor its mirrored pass; training still runs it (its gradients start the learning)."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(parameterisation="prior", width=8, levels=3)).eval()
+    low = torch.rand(1, 1, 48, 40) * 0.6 + 0.2
+    assert not model.corrects()
+    with torch.no_grad():
+        fast = mirror_averaged(model, low)
+        model.corrects = lambda: True  # as if the head could be non-zero: the network and its mirror run
+        full = model(low)
+    assert torch.equal(fast, full)
+    del model.corrects
+    model.train()  # still a zero head: training runs the network, or it could never start learning
+    model(low)[:, 0].mean().backward()
+    assert model.head.weight.grad is not None and bool(model.head.weight.grad.any())
