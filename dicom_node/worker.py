@@ -14,6 +14,7 @@ destination over one association each, and settles every job:
 from __future__ import annotations
 
 import errno
+import logging
 import multiprocessing
 import os
 import random
@@ -354,7 +355,10 @@ def main(config_path: str, stop, wake, log_level: str | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     os.nice(WORKER_NICENESS)
     config = load_config(config_path)
-    configure_logging(config.logging.format, log_level or config.logging.level)  # serve --log-level wins
+    level = log_level or config.logging.level  # serve --log-level wins
+    configure_logging(config.logging.format, level)
+    if level != "debug":  # a refused or timed-out association is our one "will retry" warning, not
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # pynetdicom's two error lines
     structlog.contextvars.bind_contextvars(process="worker")
     enhancer, is_ours = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)

@@ -144,6 +144,10 @@ def test_orthanc_down_jobs_wait_and_retry_then_everything_arrives(tmp_path, peer
     wait_until(lambda: len(orthanc.sop_uids()) == 4, 30, what="3 originals + 1 derived")
     assert expected <= set(orthanc.sop_uids())
     assert node.status()["counts"]["failed"] == 0
+    # a routine retry is one warning of ours, not error lines from pynetdicom
+    lines = [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "will retry" and e["level"] == "warning" for e in lines)
+    assert not [e for e in lines if e.get("logger", "").startswith("pynetdicom") and e["level"] == "error"]
 
 
 @pytest.mark.reliability
