@@ -58,6 +58,7 @@ class ModelSettings:
     forward_original: bool = True
     parametric_map: bool = False  # also send the maps a, b, wc, ww as a DICOM Parametric Map
     max_burnt_out: float = 0.02  # window guard: widen the window where more of the anatomy would burn out (0 = off)
+    output_transfer_syntax: str = "explicit"  # or jpeg2000-lossless, rle, jpeg-ls-lossless (dicom_node.writer)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,8 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     spool = SpoolSettings(dir=s.path("dir", "var/spool", base))
 
     s = _Section(source, "model", raw.get("model", {}),
-                 {"weights", "device", "mode", "enhance", "forward_original", "parametric_map", "max_burnt_out"})
+                 {"weights", "device", "mode", "enhance", "forward_original", "parametric_map", "max_burnt_out",
+                  "output_transfer_syntax"})
     device = s.string("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()):
@@ -286,6 +288,8 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         forward_original=s.boolean("forward_original", True),
         parametric_map=s.boolean("parametric_map", False),
         max_burnt_out=_fraction(s, "max_burnt_out", 0.02),
+        output_transfer_syntax=s.string("output_transfer_syntax", "explicit",
+                                        ("explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless")),
     )
 
     s = _Section(source, "retry", raw.get("retry", {}),

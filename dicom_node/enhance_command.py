@@ -35,7 +35,11 @@ def output_path(out_dir: Path, ds) -> Path:
 @click.option("--any-modality", is_flag=True, help="Enhance every monochrome image, whatever its SOP class.")
 @click.option("--max-burnt-out", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Window guard, as [model] max_burnt_out (0 = off).")
-def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entries, any_modality, max_burnt_out):
+@click.option("--output-transfer-syntax", "output_syntax", default="explicit", show_default=True,
+              type=click.Choice(["explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless"]),
+              help="How the derived pixels are encoded, as [model] output_transfer_syntax (all lossless).")
+def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entries, any_modality, max_burnt_out,
+            output_syntax):
     """Enhance DICOM radiographs in PATHS (files or folders) into --out, by the node's rule: only
     the SOP classes of --enhance (CR and DX), never an instance dicom-node derived itself."""
     from tqdm import tqdm
@@ -47,7 +51,7 @@ def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entri
 
     classes = enhanced_classes(tuple(enhance_entries))
     try:
-        enhancer = Enhancer(weights, device=device, mode=mode, max_burnt_out=max_burnt_out)
+        enhancer = Enhancer(weights, device=device, mode=mode, max_burnt_out=max_burnt_out, output_syntax=output_syntax)
         enhancer.predictor.checkpoint  # load now: a bad checkpoint is one error, not one per file
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

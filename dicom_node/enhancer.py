@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import UnsupportedImage
 from dicom_node.reader import read_radiograph
-from dicom_node.writer import MODES, ModelStamp, derive_instance
+from dicom_node.writer import MODES, OUTPUT_SYNTAXES, ModelStamp, derive_instance, encode_pixels
 from model.predictor import Prediction, Predictor
 
 
@@ -18,10 +18,13 @@ SOURCE_IDENTITY = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyI
 class Enhancer:
     """Loads the model once (lazily) and enhances one dataset at a time."""
 
-    def __init__(self, weights: str | Path, device: str = "auto", mode: str = "voi", max_burnt_out: float = 0.0):
+    def __init__(self, weights: str | Path, device: str = "auto", mode: str = "voi", max_burnt_out: float = 0.0,
+                 output_syntax: str = "explicit"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+        if output_syntax not in OUTPUT_SYNTAXES:
+            raise ValueError(f"output_syntax must be one of {', '.join(OUTPUT_SYNTAXES)}, got {output_syntax!r}")
+        self.mode, self.output_syntax = mode, output_syntax
         self.predictor = Predictor(weights, device, max_burnt_out=max_burnt_out)
 
     @property
@@ -50,7 +53,7 @@ class Enhancer:
             mode=self.mode,
             guard_note=prediction.guard.describe() if prediction.guard else None,
         )
-        return derived, prediction
+        return encode_pixels(derived, self.output_syntax), prediction
 
     def parametric_map(self, ds: Dataset, prediction: Prediction) -> Dataset:
         """The DICOM Parametric Map of the prediction's maps a, b, wc, ww, referencing `ds`."""

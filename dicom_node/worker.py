@@ -336,7 +336,7 @@ def _load_enhancer(config: Config):
 
     started = time.perf_counter()
     enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
-                        max_burnt_out=config.model.max_burnt_out)
+                        max_burnt_out=config.model.max_burnt_out, output_syntax=config.model.output_transfer_syntax)
     predictor = enhancer.predictor
     try:
         predictor.checkpoint  # noqa: B018 - load now (it is lazy), so the time and a bad file show here

@@ -17,6 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID,
 from pydicom.valuerep import format_number_as_ds
 
 MODES = ("voi", "burn-in")
+#: [model] output_transfer_syntax: how the derived instance's pixels are encoded (all lossless).
+OUTPUT_SYNTAXES = {"explicit": uid.ExplicitVRLittleEndian, "jpeg2000-lossless": uid.JPEG2000Lossless,
+                   "rle": uid.RLELossless, "jpeg-ls-lossless": uid.JPEGLSLossless}
 CR_STORAGE = uid.ComputedRadiographyImageStorage
 DX_FOR_PRESENTATION = uid.DigitalXRayImageStorageForPresentation
 DX_FOR_PROCESSING = uid.DigitalXRayImageStorageForProcessing
@@ -210,3 +213,14 @@ def derive_instance(
     ds.file_meta = meta
     return ds
 
+
+
+def encode_pixels(ds: Dataset, syntax: str) -> Dataset:
+    """`ds` (a derived instance, Explicit VR Little Endian) with its pixels encoded losslessly in
+    the OUTPUT_SYNTAXES `syntax`, by pydicom's encoders (RLE natively, JPEG 2000 through
+    pylibjpeg-openjpeg, JPEG-LS through pyjpegls); decoding gives the same pixels back exactly."""
+    if syntax not in OUTPUT_SYNTAXES:
+        raise ValueError(f"output transfer syntax must be one of {', '.join(OUTPUT_SYNTAXES)}, got {syntax!r}")
+    if syntax != "explicit":
+        ds.compress(OUTPUT_SYNTAXES[syntax], generate_instance_uid=False)
+    return ds

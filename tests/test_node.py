@@ -729,3 +729,22 @@ def test_serve_takes_host_port_and_log_level_from_the_command_line(tmp_path, con
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_node_writes_the_derived_instance_in_the_configured_lossless_syntax(tmp_path, peers, constant_weights):
+    from pydicom.uid import JPEG2000Lossless
+
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}])
+    node.config.write_text(node.config.read_text().replace(
+        'mode = "voi"', 'mode = "voi"\noutput_transfer_syntax = "jpeg2000-lossless"'))
+    start(peers, node)
+    cr = sample("RG1_UNCR.dcm")
+
+    assert storescu([cr], node.port).returncode == 0
+    node.wait_drained(expected_done=1)
+
+    (derived,) = [ds for ds in map(pydicom.dcmread, outbox.rglob("*.dcm")) if is_derived_by_us(ds)]
+    assert derived.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert derived.pixel_array.shape == (derived.Rows, derived.Columns) and derived.pixel_array.dtype == np.uint16

@@ -180,3 +180,23 @@ def test_constructor_validates_its_input(chest):
         derive_instance(chest, y=np.zeros((1955, 1841)), window=(0.5, 0.0), stamp=stamp)
     with pytest.raises(TypeError, match="source must be a pydicom Dataset"):
         derive_instance({"not": "a dataset"}, y=np.zeros((2, 2)), window=(0.5, 0.5), stamp=stamp)
+
+
+@pytest.mark.parametrize("syntax", ["jpeg2000-lossless", "rle", "jpeg-ls-lossless"])
+def test_a_compressed_output_decodes_to_the_uncompressed_output_exactly_and_passes_dciodvfy(weights, tmp_path, syntax):
+    from dicom_node.writer import OUTPUT_SYNTAXES
+
+    source_path = testdata("RG1_UNCR.dcm")
+    source = load_dataset(source_path)
+    plain = _saved(Enhancer(weights, "cpu", "voi").enhance(source), tmp_path / "plain.dcm")
+    packed = _saved(Enhancer(weights, "cpu", "voi", output_syntax=syntax).enhance(source), tmp_path / "packed.dcm")
+
+    assert packed.file_meta.TransferSyntaxUID == OUTPUT_SYNTAXES[syntax]
+    # RLE (byte planes) gains little on a radiograph's noisy low byte; the JPEGs about half
+    limit = 1.0 if syntax == "rle" else 0.8
+    assert (tmp_path / "packed.dcm").stat().st_size < limit * (tmp_path / "plain.dcm").stat().st_size
+    assert packed.SOPInstanceUID == plain.SOPInstanceUID  # the same instance, only encoded differently
+    np.testing.assert_array_equal(packed.pixel_array, plain.pixel_array)
+    if shutil.which("dciodvfy") is None and not os.environ.get("CI"):
+        pytest.skip("dicom3tools not installed (.ci/run installs it)")
+    assert not _dciodvfy_errors(tmp_path / "packed.dcm") - _dciodvfy_errors(source_path)
