@@ -213,6 +213,26 @@ class JobQueue:
                 " path = ?, updated_at = ? WHERE id = ?",
                 [(error, str(held), now, job_id) for job_id, error, held in failed])
 
+    def requeue_failed(self, job_ids: list[int] | None = None) -> list[Job]:
+        """Failed jobs (these, or all with None) back to received, due now, attempts and the
+        give-up clock started again; their held file stays where it is (job.path) until done.
+        Returns the jobs as they were before."""
+        now = time.time()
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            if job_ids is None:
+                rows = conn.execute("SELECT * FROM jobs WHERE state = 'failed'").fetchall()
+            else:
+                marks = ",".join("?" * len(job_ids))
+                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND id IN ({marks})",
+                                    list(job_ids)).fetchall()
+            conn.executemany(
+                "UPDATE jobs SET state = 'received', attempts = 0, received_at = ?, next_attempt_at = ?,"
+                " updated_at = ?, last_error = ? WHERE id = ?",
+                [(now, now, now, f"retry requested; it had failed: {row['last_error']}", row["id"]) for row in rows])
+        return [Job.from_row(row) for row in rows]
+
     # --- reporting ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

@@ -113,3 +113,32 @@ def echo(destination: str | None, config_path: str) -> None:
     else:
         dest = config.destination(destination)
     click.echo(make_target(dest, config.node).echo())
+
+
+@click.command()
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--all", "all_failed", is_flag=True, help="Every failed job.")
+@_config_option
+def retry(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
+    """Put failed jobs (JOB_IDS from `status`, or --all) back in the queue; works while the node
+    runs, whose worker takes them within a second. Their reason files are removed; the reason
+    stays in each job's last error until it is done."""
+    from dicom_node.config import load_config
+    from dicom_node.jobs import JobQueue
+    from dicom_node.spool import Spool
+
+    if bool(job_ids) == all_failed:
+        raise click.UsageError("give the failed jobs' ids, or --all")
+    config = load_config(config_path)
+    spool = Spool(config.spool.dir)
+    if not spool.db_path.exists():
+        raise click.UsageError(f"no queue at {spool.db_path}: has the node run with this config?")
+    requeued = JobQueue(spool.db_path).requeue_failed(None if all_failed else list(job_ids))
+    for job in requeued:
+        spool.remove(job.path.with_name(job.path.name + ".reason.txt"))
+        click.echo(f"job {job.id} {job.sop_instance_uid}: queued again (it had failed: {job.last_error})")
+    missing = sorted(set(job_ids) - {j.id for j in requeued})
+    if missing:
+        click.echo(f"not failed, or unknown: {', '.join(map(str, missing))}", err=True)
+        sys.exit(1)
+    click.echo(f"{len(requeued)} job(s) queued again")

@@ -393,9 +393,13 @@ def test_failures_are_classified_and_compressed_files_are_transcoded_for_a_picky
 
 
 @pytest.mark.timeout(90)
-def test_a_destination_down_past_give_up_hours_ends_in_failed(tmp_path, peers, constant_weights):
+def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it_once_it_is_back(
+        tmp_path, peers, constant_weights):
+    from tests.node_peers import port_open
+
+    pacs_port = free_port()
     node = NodeProcess(tmp_path / "node", constant_weights, [
-        {"name": "gone", "type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": free_port()}],
+        {"name": "gone", "type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": pacs_port}],
         enhance=(), retry=(0.2, 0.5))
     node.config.write_text(node.config.read_text().replace("give_up_hours = 1", "give_up_hours = 0.0005"))
     start(peers, node)
@@ -407,6 +411,25 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed(tmp_path, peers, c
     assert failed["reason"].startswith("gave up after") and "could not connect" in failed["reason"]
     held = Path(failed["path"])
     assert pydicom.dcmread(held).SOPInstanceUID == uid_of(sample("CT_small.dcm"))
+
+    # the PACS is back: `retry` puts it in the queue again while the node runs, and it arrives
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(["storescp", "-aet", "GONE", "-od", str(received), str(pacs_port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(pacs_port), 15, what="storescp to listen")
+        wrong = node.cli("retry", "999")
+        assert wrong.returncode == 1 and "not failed, or unknown: 999" in wrong.stderr
+        again = node.cli("retry", "--all")
+        assert again.returncode == 0 and "1 job(s) queued again" in again.stdout, again.stderr
+        report = node.wait_drained(expected_done=1, timeout=60)
+        assert report["failed"] == [] and report["counts"]["done"] == 1
+        assert [pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()] == [uid_of(sample("CT_small.dcm"))]
+        assert not held.exists() and not held.with_name(held.name + ".reason.txt").exists()
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
 
 
 @pytest.mark.timeout(60)
