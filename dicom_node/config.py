@@ -92,6 +92,9 @@ Destination = FolderDestination | DicomDestination
 class LoggingSettings:
     format: str = "auto"
     level: str = "info"
+    audit: Path | None = None  # JSON lines, one per instance received, derived, delivered (dicom_node.audit)
+    audit_max_mb: float = 50.0  # rotated past this size
+    audit_backups: int = 10     # rotated files kept
 
 
 @dataclass(frozen=True)
@@ -331,10 +334,13 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
             s.fail("name", f"{dest.name!r} is used by two destinations")
         destinations.append(dest)
 
-    s = _Section(source, "logging", raw.get("logging", {}), {"format", "level"})
+    s = _Section(source, "logging", raw.get("logging", {}), {"format", "level", "audit", "audit_max_mb", "audit_backups"})
     logging = LoggingSettings(
         format=s.string("format", "auto", ("auto", "json", "console")),
         level=s.string("level", "info", ("debug", "info", "warning", "error")),
+        audit=s.path("audit", None, base) if s.table.get("audit") else None,
+        audit_max_mb=s.number("audit_max_mb", 50.0),
+        audit_backups=s.integer("audit_backups", 10, 0, 1000),
     )
     return Config(path=source, node=node, spool=spool, model=model, retry=retry,
                   destinations=tuple(destinations), logging=logging)

@@ -125,6 +125,7 @@ class Node:
         self._mp = multiprocessing.get_context("spawn")
         self.wake = self._mp.Event()
         self.stop_worker = self._mp.Event()
+        self.audit_queue = self._mp.Queue() if config.logging.audit else None
         self.worker: multiprocessing.Process | None = None
 
     def _start_worker(self) -> None:
@@ -132,7 +133,7 @@ class Node:
 
         self.worker = self._mp.Process(
             target=worker.main, name="dicom-node-worker",
-            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level))
+            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level, self.audit_queue))
         self.worker.start()
         log.info("worker started", pid=self.worker.pid)
 
@@ -148,6 +149,12 @@ class Node:
                   destinations=[repr(d) for d in cfg.destinations])
         check_ready(cfg)
         spool = Spool(cfg.spool.dir).create().lock()  # before touching anything in it
+        audit = None
+        if cfg.logging.audit:
+            from dicom_node.audit import AuditWriter
+
+            audit = AuditWriter(cfg.logging.audit, int(cfg.logging.audit_max_mb * 1e6), cfg.logging.audit_backups,
+                                self.audit_queue)
         spool.remove_partials()
         queue = open_queue(spool)
         adopted = adopt_orphans(spool, queue)
@@ -196,5 +203,7 @@ class Node:
             log.warning("worker did not stop in time; its jobs resume on the next start")
             self.worker.terminate()
             self.worker.join(5)
+        if audit is not None:
+            audit.close()
         log.info("stopped")
         return 0

@@ -22,6 +22,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicom_node import audit
 from dicom_node.config import NodeSettings
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
@@ -88,18 +89,30 @@ class StoreHandler:
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
                 self._discard_uncommitted(path, job_id)
+                self._audit(event, sop_uid, association, job_id, f"refused 0xA700: {exc}")
                 return OUT_OF_RESOURCES
             except Exception as exc:  # never raise into the association
                 log.exception("not stored, answered cannot understand", error=repr(exc))
                 self._discard_uncommitted(path, job_id)
+                self._audit(event, sop_uid, association, job_id, f"refused 0xC000: {exc}")
                 return CANNOT_UNDERSTAND
             if superseded:
                 self._discard(*superseded)
                 log.info("superseded an earlier copy still waiting", job_id=job_id)
             log.info("received", job_id=job_id, bytes=path.stat().st_size,
                      sop_class_uid=str(request.AffectedSOPClassUID))
+            self._audit(event, sop_uid, association, job_id, "stored")
             self.on_stored()
             return SUCCESS
+
+    @staticmethod
+    def _audit(event, sop_uid: str, association: str, job_id, outcome: str) -> None:
+        try:
+            audit.record("received", association=association, calling_ae=event.assoc.requestor.ae_title,
+                         address=event.assoc.requestor.address, sop_instance_uid=sop_uid,
+                         sop_class_uid=str(event.request.AffectedSOPClassUID), job_id=job_id, outcome=outcome)
+        except Exception:  # the audit file must never fail a store
+            log.exception("audit line not written")
 
     def _discard_uncommitted(self, path, job_id) -> None:
         """A file whose job is committed stays: the worker delivers it even if we said failure."""

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels.utils import get_expected_length
 
+from dicom_node import audit
 from dicom_node.config import Config, RetrySettings, load_config
 from dicom_node.errors import UnsupportedImage
 from dicom_node.forwarder import Item, Outcome, make_target
@@ -179,6 +180,10 @@ class Worker:
         for target, pending, future in sent:
             for (plan, item), outcome in zip(pending, future.result()):
                 plan.outcomes.append((target.name, item, outcome))
+                audit.record("delivered" if outcome.delivered else f"delivery {outcome.result}",
+                             association=plan.job.association, calling_ae=plan.job.calling_aet,
+                             sop_instance_uid=item.sop_instance_uid, item=item.kind, destination=target.name,
+                             job_id=plan.job.id, outcome=outcome.detail or "delivered")
                 if outcome.delivered:
                     delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))
         batch = Settlement(deliveries=delivered)
@@ -265,6 +270,9 @@ class Worker:
                 log.warning("window guard", derived_uid=str(head.SOPInstanceUID), detail=prediction.guard.describe())
             log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
                      seconds=round(time.perf_counter() - started, 3))
+            audit.record("derived", association=job.association, calling_ae=job.calling_aet,
+                         sop_instance_uid=str(head.SOPInstanceUID), source_sop_instance_uid=job.sop_instance_uid,
+                         job_id=job.id, outcome="guarded" if prediction.guard else "enhanced")
         return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
                     str(head.file_meta.TransferSyntaxUID))
 
@@ -349,7 +357,7 @@ def _load_enhancer(config: Config):
     return enhancer, is_derived_by_us
 
 
-def main(config_path: str, stop, wake, log_level: str | None = None) -> None:
+def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None) -> None:
     """Process entry point: work until `stop` is set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -360,6 +368,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None) -> None:
     if level != "debug":  # a refused or timed-out association is our one "will retry" warning, not
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # pynetdicom's two error lines
     structlog.contextvars.bind_contextvars(process="worker")
+    audit.send_to(audit_queue)
     enhancer, is_ours = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)
     resumed = worker.queue.resume()

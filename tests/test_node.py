@@ -771,3 +771,49 @@ def test_the_node_writes_the_derived_instance_in_the_configured_lossless_syntax(
     (derived,) = [ds for ds in map(pydicom.dcmread, outbox.rglob("*.dcm")) if is_derived_by_us(ds)]
     assert derived.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert derived.pixel_array.shape == (derived.Rows, derived.Columns) and derived.pixel_array.dtype == np.uint16
+
+
+@pytest.mark.timeout(90)
+def test_the_audit_log_has_a_line_per_instance_received_derived_and_delivered(tmp_path, peers, constant_weights):
+    outbox, audit_path = tmp_path / "outbox", tmp_path / "audit" / "audit.jsonl"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}])
+    node.config.write_text(node.config.read_text().replace(
+        'level = "info"', f'level = "info"\naudit = {json.dumps(str(audit_path))}'))
+    start(peers, node)
+    cr, ct = sample("RG1_UNCR.dcm"), sample("CT_small.dcm")
+
+    assert storescu([cr, ct], node.port, calling="CR01").returncode == 0
+    node.wait_drained(expected_done=2)
+    assert node.stop() == 0  # the node writes what the worker queued before it stops
+
+    lines = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    by_action = Counter(e["action"] for e in lines)
+    assert by_action == {"received": 2, "derived": 1, "delivered": 3}, by_action
+    received = [e for e in lines if e["action"] == "received"]
+    assert {e["sop_instance_uid"] for e in received} == {uid_of(cr), uid_of(ct)}
+    assert all(e["calling_ae"] == "CR01" and e["address"] == "127.0.0.1" and e["outcome"] == "stored" for e in received)
+    (derived,) = [e for e in lines if e["action"] == "derived"]
+    assert derived["source_sop_instance_uid"] == uid_of(cr) and derived["association"].startswith("CR01@127.0.0.1:")
+    delivered = [e for e in lines if e["action"] == "delivered"]
+    assert {(e["sop_instance_uid"], e["destination"]) for e in delivered} == {
+        (uid_of(cr), "archive"), (uid_of(ct), "archive"), (derived["sop_instance_uid"], "archive")}
+    assert all(e["time"].endswith("Z") for e in lines)
+
+
+def test_the_audit_file_is_rotated_by_size(tmp_path):
+    import multiprocessing
+
+    from dicom_node import audit
+
+    path = tmp_path / "audit.jsonl"
+    writer = audit.AuditWriter(path, max_bytes=2000, backups=2, queue=multiprocessing.get_context("spawn").Queue())
+    try:
+        for i in range(100):
+            audit.record("received", sop_instance_uid=f"1.2.3.{i}", outcome="stored")
+    finally:
+        writer.close()
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+    last = [json.loads(line) for line in path.read_text().splitlines()][-1]
+    assert last["sop_instance_uid"] == "1.2.3.99"
