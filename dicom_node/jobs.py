@@ -247,6 +247,12 @@ class JobQueue:
             " ORDER BY received_at, id LIMIT 1").fetchone()
         return None if row is None else Job.from_row(row)
 
+    def retrying(self, limit: int = 50) -> list[Job]:
+        """Jobs waiting for another attempt (received, tried before), soonest first."""
+        return [Job.from_row(row) for row in self._conn().execute(
+            "SELECT * FROM jobs WHERE state = 'received' AND attempts > 0 ORDER BY next_attempt_at, id LIMIT ?",
+            (limit,))]
+
     def jobs(self, state: str, limit: int = 50) -> list[Job]:
         return [Job.from_row(row) for row in self._conn().execute(
             "SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))]

@@ -57,11 +57,14 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
     config = load_config(config_path)
     spool = Spool(config.spool.dir)
     now = time.time()
+    delivered = {}
     if spool.db_path.exists():
         queue = JobQueue(spool.db_path, readonly=True)
         counts, oldest, failed = queue.counts(), queue.oldest_pending(), queue.jobs("failed", limit)
+        retrying = queue.retrying(limit)
+        delivered = {j.id: sorted(f"{dest} ({item})" for dest, item in queue.deliveries(j.id)) for j in failed}
     else:
-        counts, oldest, failed = dict.fromkeys(STATES, 0), None, []
+        counts, oldest, failed, retrying = dict.fromkeys(STATES, 0), None, [], []
 
     report = {
         "spool": str(spool.root),
@@ -71,8 +74,11 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
             "state": oldest.state, "received_at": _iso(oldest.received_at),
             "age_seconds": round(now - oldest.received_at, 1), "attempts": oldest.attempts,
             "next_attempt_at": _iso(oldest.next_attempt_at), "last_error": oldest.last_error},
+        "retrying": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid, "attempts": j.attempts,
+                      "next_attempt_at": _iso(j.next_attempt_at), "last_error": j.last_error} for j in retrying],
         "failed": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid,
-                    "path": str(j.path), "reason": j.last_error} for j in failed],
+                    "path": str(j.path), "reason": j.last_error, "delivered_to": delivered.get(j.id, [])}
+                   for j in failed],
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -88,10 +94,14 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
         if oldest.last_error:
             line += f", next attempt {_iso(oldest.next_attempt_at)}, last error: {oldest.last_error}"
         click.echo(line)
+    click.echo(f"retrying: {len(retrying)}" + (" (soonest first)" if retrying else ""))
+    for job in retrying:
+        click.echo(f"  job {job.id} {job.sop_instance_uid}: attempts {job.attempts}, next attempt"
+                   f" {_iso(job.next_attempt_at)}, last error: {job.last_error}")
     click.echo(f"failed: {counts['failed']}" + (" (newest first)" if failed else ""))
     for job in failed:
         click.echo(f"  job {job.id} {job.sop_instance_uid}: {job.last_error}")
-        click.echo(f"    held at {job.path}")
+        click.echo(f"    held at {job.path}; already delivered to: {', '.join(delivered.get(job.id, [])) or 'none'}")
 
 
 @click.command()

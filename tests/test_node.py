@@ -134,6 +134,8 @@ def test_orthanc_down_jobs_wait_and_retry_then_everything_arrives(tmp_path, peer
     report = wait_until(retried, 60, 0.3, "jobs to be retried")
     assert "could not connect" in report["oldest_pending"]["last_error"]
     assert report["counts"]["failed"] == 0
+    assert report["retrying"] and all(r["attempts"] >= 1 and "could not connect" in r["last_error"]
+                                      for r in report["retrying"])
     assert report["counts"]["received"] + report["counts"]["processing"] == 3
     text = node.cli("status").stdout
     assert "oldest pending: job" in text and "could not connect" in text
@@ -398,8 +400,10 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it
     from tests.node_peers import port_open
 
     pacs_port = free_port()
+    outbox = tmp_path / "outbox"
     node = NodeProcess(tmp_path / "node", constant_weights, [
-        {"name": "gone", "type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": pacs_port}],
+        {"name": "gone", "type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": pacs_port},
+        {"name": "archive", "type": "folder", "path": str(outbox)}],
         enhance=(), retry=(0.2, 0.5))
     node.config.write_text(node.config.read_text().replace("give_up_hours = 1", "give_up_hours = 0.0005"))
     start(peers, node)
@@ -409,6 +413,8 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it
 
     (failed,) = report["failed"]
     assert failed["reason"].startswith("gave up after") and "could not connect" in failed["reason"]
+    assert failed["delivered_to"] == ["archive (original)"]  # the folder has it, the PACS never had it
+    assert "already delivered to: archive (original)" in node.cli("status").stdout
     held = Path(failed["path"])
     assert pydicom.dcmread(held).SOPInstanceUID == uid_of(sample("CT_small.dcm"))
 
@@ -427,6 +433,7 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it
         assert report["failed"] == [] and report["counts"]["done"] == 1
         assert [pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()] == [uid_of(sample("CT_small.dcm"))]
         assert not held.exists() and not held.with_name(held.name + ".reason.txt").exists()
+        assert len(list(outbox.rglob("*.dcm"))) == 1  # the retry went only where it was missing
     finally:
         pacs.terminate()
         pacs.wait(10)
