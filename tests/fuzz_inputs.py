@@ -15,8 +15,10 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom import AE, _config
 
 SEEDS = ["CT_small.dcm", "MR_small.dcm", "RG3_UNCR.dcm", "SC_rgb.dcm"]
 KINDS = ("truncated", "flipped-header-bytes", "absurd-length", "wrong-transfer-syntax",
@@ -87,3 +89,36 @@ def write_mutated_inputs(folder: Path, n: int, seed: int = 0) -> list[tuple[str,
         path.write_bytes(data)
         made.append((kind, str(ds.file_meta.MediaStorageSOPInstanceUID), path))
     return made
+
+
+def send_raw(port: int, path: Path) -> int | None:
+    """C-STORE the file's bytes as they are (only its meta is read); the status, or None
+    when the association or the store did not complete."""
+    meta = read_file_meta_info(path)
+    ae = AE(ae_title="FUZZER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="ENHANCE")
+    if not assoc.is_established:
+        return None
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the bytes after the meta go out untouched
+    try:
+        status = assoc.send_c_store(path)
+    except Exception:  # noqa: BLE001 - a broken file may break the sender: then nothing was acked
+        return None
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def accounted_uids(outbox: Path, failed: Path) -> set[str]:
+    """SOP Instance UIDs forwarded (the file meta the node wrote) or held in failed/ with a reason."""
+    forwarded = {str(read_file_meta_info(p).MediaStorageSOPInstanceUID) for p in outbox.rglob("*.dcm")}
+    held = set()
+    for reason in failed.glob("*.reason.txt"):
+        for line in reason.read_text().splitlines():
+            if line.startswith("SOP Instance UID "):
+                held.add(line.split(" ", 3)[3])
+    return forwarded | held

@@ -8,47 +8,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
 
 from dicom_node.writer import is_derived_by_us
-from tests.fuzz_inputs import KINDS, write_mutated_inputs
+from tests.fuzz_inputs import KINDS, accounted_uids, send_raw, write_mutated_inputs
 from tests.node_peers import NodeProcess, copies_with_new_uids, storescu
 
 pytestmark = pytest.mark.reliability
-
-
-def send_raw(port: int, path: Path) -> int | None:
-    """C-STORE the file's bytes as they are (only its meta is read); the status, or None
-    when the association or the store did not complete."""
-    meta = read_file_meta_info(path)
-    ae = AE(ae_title="FUZZER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title="ENHANCE")
-    if not assoc.is_established:
-        return None
-    _config.STORE_SEND_CHUNKED_DATASET = True  # the bytes after the meta go out untouched
-    try:
-        status = assoc.send_c_store(path)
-    except Exception:  # noqa: BLE001 - a broken file may break the sender: then nothing was acked
-        return None
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
-        if assoc.is_established:
-            assoc.release()
-    return int(status.Status) if "Status" in status else None
-
-
-def accounted_uids(outbox: Path, failed: Path) -> set[str]:
-    """SOP Instance UIDs forwarded (the file meta the node wrote) or held in failed/ with a reason."""
-    forwarded = {str(read_file_meta_info(p).MediaStorageSOPInstanceUID) for p in outbox.rglob("*.dcm")}
-    held = set()
-    for reason in failed.glob("*.reason.txt"):
-        for line in reason.read_text().splitlines():
-            if line.startswith("SOP Instance UID "):
-                held.add(line.split(" ", 3)[3])
-    return forwarded | held
 
 
 @pytest.mark.timeout(300)
