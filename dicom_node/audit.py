@@ -48,4 +48,5 @@ class AuditWriter:
 def send_to(queue) -> None:
     """In the worker process: audit lines go to the node's writer."""
     if queue is not None:
+        queue.cancel_join_thread()  # a worker must be able to exit even if the node stopped reading
         _AUDIT.handlers[:] = [logging.handlers.QueueHandler(queue)]

@@ -26,6 +26,7 @@ class TlsSettings:
     ca: Path | None = None
     require_client_cert: bool = False   # node only
     server_hostname: str | None = None  # destination only: default its host
+    verify: bool = True  # destination only; False only for `echo` of the node itself
 
 
 @dataclass(frozen=True)

@@ -221,11 +221,14 @@ class JobQueue:
         conn = self._conn()
         with conn:
             conn.execute("BEGIN IMMEDIATE")
+            # a failed job whose instance came again later (a newer job) is superseded: not retried
+            newest = ("NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.sop_instance_uid = jobs.sop_instance_uid"
+                      " AND later.id > jobs.id)")
             if job_ids is None:
-                rows = conn.execute("SELECT * FROM jobs WHERE state = 'failed'").fetchall()
+                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {newest}").fetchall()
             else:
                 marks = ",".join("?" * len(job_ids))
-                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND id IN ({marks})",
+                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {newest} AND id IN ({marks})",
                                     list(job_ids)).fetchall()
             conn.executemany(
                 "UPDATE jobs SET state = 'received', attempts = 0, received_at = ?, next_attempt_at = ?,"

@@ -67,6 +67,9 @@ def open_queue(spool: Spool) -> JobQueue:
         queue = JobQueue(spool.db_path)
         problem = queue.integrity_problem()
     except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            # locked, an I/O error, no permission: not corrupt, so never moved aside
+            raise NodeError(f"cannot open the job queue {spool.db_path}: {exc}") from None
         queue, problem = None, repr(exc)
     if problem is None:
         return queue
@@ -83,6 +86,11 @@ def open_queue(spool: Spool) -> JobQueue:
 def check_ready(config: Config) -> None:
     """Fail at start, naming the key, for what would otherwise fail in the worker (which the
     node would restart again and again while received images wait in the spool)."""
+    for dest in config.destinations:
+        if getattr(dest, "tls", None) is not None:
+            from dicom_node.tls import client_context
+
+            client_context(dest.tls, dest.name)  # a certificate or key that is not valid PEM
     if not config.model.enhance:
         return
     if not config.model.weights.is_file():
@@ -203,6 +211,9 @@ class Node:
             log.warning("worker did not stop in time; its jobs resume on the next start")
             self.worker.terminate()
             self.worker.join(5)
+            if self.worker.is_alive():  # SIGTERM only asks it to stop after its batch
+                self.worker.kill()
+                self.worker.join(5)
         if audit is not None:
             audit.close()
         log.info("stopped")

@@ -118,8 +118,10 @@ def echo(destination: str | None, config_path: str) -> None:
     if destination is None:
         node, tls = config.node, config.node.tls
         host = "127.0.0.1" if node.host in ("", "0.0.0.0") else "::1" if node.host == "::" else node.host
+        # our own node on its own address: its certificate is not checked (it is issued for the
+        # name modalities use); ours is offered in case it requires one
         dest = DicomDestination(name="node", ae_title=node.ae_title, host=host, port=node.port,
-                                tls=None if tls is None else TlsSettings(cert=tls.cert, key=tls.key, ca=tls.ca))
+                                tls=None if tls is None else TlsSettings(cert=tls.cert, key=tls.key, verify=False))
     else:
         dest = config.destination(destination)
     click.echo(make_target(dest, config.node).echo())
@@ -143,11 +145,17 @@ def retry(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
     spool = Spool(config.spool.dir)
     if not spool.db_path.exists():
         raise click.UsageError(f"no queue at {spool.db_path}: has the node run with this config?")
-    requeued = JobQueue(spool.db_path).requeue_failed(None if all_failed else list(job_ids))
-    for job in requeued:
+    queue = JobQueue(spool.db_path)
+    chosen = [j for j in queue.jobs("failed", limit=1_000_000) if all_failed or j.id in job_ids]
+    for job in chosen:  # before the jobs are queued: a new failure must not lose its fresh reason
         spool.remove(job.path.with_name(job.path.name + ".reason.txt"))
+    requeued = queue.requeue_failed([j.id for j in chosen])
+    for job in requeued:
         click.echo(f"job {job.id} {job.sop_instance_uid}: queued again (it had failed: {job.last_error})")
-    missing = sorted(set(job_ids) - {j.id for j in requeued})
+    superseded = [j for j in chosen if j.id not in {r.id for r in requeued}]
+    for job in superseded:
+        click.echo(f"job {job.id} {job.sop_instance_uid}: not retried, the instance was received again since")
+    missing = sorted(set(job_ids) - {j.id for j in chosen})
     if missing:
         click.echo(f"not failed, or unknown: {', '.join(map(str, missing))}", err=True)
         sys.exit(1)

@@ -174,7 +174,8 @@ def start_scp(settings: NodeSettings, spool: Spool, queue: JobQueue,
     if settings.tls is not None:
         from dicom_node.tls import server_context
 
-        ssl_context = server_context(settings.tls)  # every connection is TLS; a plain one fails its handshake
+        # every connection is TLS; a plain one fails its handshake, a silent one its ARTIM timer
+        ssl_context = server_context(settings.tls)
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
     return ae, server

@@ -13,6 +13,7 @@ Layout under [spool] dir::
     quarantine/<time>/                        what could not be read at start, with reason.txt
     queue.sqlite3                             the job queue (see jobs.py)
     node.lock                                 held (flock) by the one node serving this spool
+    worker.lock                               held (flock) by the one worker working this spool
 """
 from __future__ import annotations
 
@@ -141,6 +142,19 @@ class Spool:
             fsync_dir(self.failed)
             fsync_dir(source.parent)
         return held
+
+    def lock_worker(self, on_wait=lambda: None) -> Spool:
+        """The worker's own exclusive lock (worker.lock), waited for: after a kill -9 of the node
+        its old worker may still finish a batch; the new one must not resume those jobs
+        meanwhile. Held until the process ends."""
+        f = open(self.root / "worker.lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        self._worker_lock_file = f
+        return self
 
     def quarantine(self, paths: list[Path], reason: str) -> Path:
         """Move `paths` (those that exist) into a new quarantine/<time>/ folder with a

@@ -25,10 +25,21 @@ def _load(context: ssl.SSLContext, tls: TlsSettings, where: str) -> ssl.SSLConte
     return context
 
 
+class _ServerContext(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket in its accept loop: with the handshake done there, a
+    connection that never sends a ClientHello (a port probe) would stop every other association.
+    Here the handshake is left to the connection's own thread (OpenSSL does it on the first
+    read), where the association's ARTIM timer (acse_timeout) ends a silent connection."""
+
+    def wrap_socket(self, sock, *args, **kwargs):
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
     """The node's side: its certificate; clients verified against `ca` (required with
     require_client_cert, checked when presented otherwise)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _load(context, tls, "[node.tls]")
     if tls.require_client_cert:
         context.verify_mode = ssl.CERT_REQUIRED
@@ -41,6 +52,8 @@ def client_context(tls: TlsSettings, destination: str) -> ssl.SSLContext:
     """A destination's side: the PACS's certificate verified (against `ca`, or the system's
     CAs) and its name checked; our client certificate when configured."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
-    if tls.ca is None:
+    if not tls.verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    elif tls.ca is None:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return _load(context, tls, f"destination {destination!r} tls")

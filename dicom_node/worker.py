@@ -371,6 +371,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     audit.send_to(audit_queue)
     enhancer, is_ours = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)
+    worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"))
     resumed = worker.queue.resume()
     if resumed:
         log.info("resumed jobs left in processing", count=resumed)

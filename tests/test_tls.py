@@ -81,6 +81,19 @@ def test_the_node_requires_tls_and_a_client_certificate_when_configured(tmp_path
     with_cert.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
     assert _echo(node.port, with_cert) is True
     assert _echo(node.port, None) is False
+    import socket
+    import time
+
+    probe = socket.create_connection(("127.0.0.1", node.port))  # never starts a TLS handshake
+    try:
+        t0 = time.monotonic()
+        assert _echo(node.port, with_cert) is True  # served meanwhile: the probe holds up nothing
+        assert time.monotonic() - t0 < 4
+    finally:
+        probe.close()
+
+    itself = node.cli("echo")  # `echo` of a TLS node: over TLS, with the node's certificate as ours
+    assert itself.returncode == 0 and "C-ECHO success" in itself.stdout, itself.stdout + itself.stderr
 
     node.wait_drained(expected_done=1)
     assert [pydicom.dcmread(p).SOPInstanceUID for p in outbox.rglob("*.dcm")] == [pydicom.dcmread(CT).SOPInstanceUID]
