@@ -378,12 +378,17 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     log.info("worker ready", destinations=[t.name for t in worker.targets],
              enhance=sorted(worker.enhance_classes))
     parent = multiprocessing.parent_process()
+    unsettled = False  # a batch could not be put back (a full disk): jobs stuck in processing
     while not stop.is_set():
         if parent is not None and not parent.is_alive():
             log.error("node process is gone, worker stops")
             break
         wake.clear()  # a job stored from now on wakes the wait below
         try:
+            if unsettled:
+                worker.queue.resume()
+                unsettled = False
+                log.info("the batch is back in the queue")
             if worker.run_once(stop):
                 continue
         except Exception as exc:  # e.g. disk full while settling: keep the jobs, try again shortly
@@ -393,7 +398,8 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
                 log.exception("batch failed, its jobs go back to the queue")
             try:
                 worker.queue.resume()
-            except Exception as again:  # a full disk can refuse even that: the next start resumes them
+            except Exception as again:  # a full disk can refuse even that: tried again each round
+                unsettled = True
                 log.error("cannot put the batch back yet", error=repr(again))
             stop.wait(5.0 if out_of_space(exc) else 1.0)
             continue
