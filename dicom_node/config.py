@@ -90,6 +90,13 @@ Destination = FolderDestination | DicomDestination
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback by default: /health and /metrics say what the node holds
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: str = "auto"
     level: str = "info"
@@ -107,6 +114,7 @@ class Config:
     retry: RetrySettings = field(default_factory=RetrySettings)
     destinations: tuple[Destination, ...] = ()
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def destination(self, name: str) -> Destination:
         """The destination called `name`; ConfigError listing the known names if none."""
@@ -252,7 +260,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     """Validate an already parsed TOML document that was read from `source`."""
     base = source.parent
     top = _Section(source, "config", raw,
-                   {"node", "spool", "model", "retry", "destinations", "logging"})
+                   {"node", "spool", "model", "retry", "destinations", "logging", "http"})
 
     s = _Section(source, "node", raw.get("node", {}),
                  {"ae_title", "host", "port", "allowed_calling_aets", "require_called_aet", "max_associations",
@@ -343,5 +351,8 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         audit_max_mb=s.number("audit_max_mb", 50.0),
         audit_backups=s.integer("audit_backups", 10, 0, 1000),
     )
+    s = _Section(source, "http", raw.get("http", {}), {"enabled", "host", "port"})
+    http = HttpSettings(enabled=s.boolean("enabled", True), host=s.string("host", "127.0.0.1"),
+                        port=s.integer("port", 8080, 0, 65535))
     return Config(path=source, node=node, spool=spool, model=model, retry=retry,
-                  destinations=tuple(destinations), logging=logging)
+                  destinations=tuple(destinations), logging=logging, http=http)

@@ -181,6 +181,18 @@ class Node:
             raise NodeError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ([node] host/port):"
                             f" {exc.strerror or exc}") from None
         self._start_worker()
+        http = None
+        if cfg.http.enabled:
+            from dicom_node.monitor import serve_http
+
+            try:
+                http = serve_http(cfg, spool, lambda: self.worker is not None and self.worker.is_alive())
+            except OSError as exc:
+                server.shutdown()
+                self.stop_worker.set()
+                raise NodeError(f"cannot listen on {cfg.http.host}:{cfg.http.port} ([http] host/port):"
+                                f" {exc.strerror or exc}") from None
+            log.info("http: /health and /metrics", host=cfg.http.host, port=http.server_address[1])
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host, tls=cfg.node.tls is not None,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])
@@ -196,6 +208,8 @@ class Node:
                 self._start_worker()
                 started = time.monotonic()
 
+        if http is not None:
+            http.shutdown()
         server.shutdown()  # no new associations
         deadline = time.monotonic() + DRAIN_SECONDS
         busy = [a for a in server.active_associations if a.is_established]

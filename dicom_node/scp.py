@@ -8,6 +8,7 @@ the model (this module must not import torch) and never raises into the associat
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 
 import structlog
@@ -24,6 +25,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import audit
 from dicom_node.config import NodeSettings
+from dicom_node.monitor import STORE_SECONDS
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
 
@@ -72,6 +74,13 @@ class StoreHandler:
         self.spool, self.queue, self.on_stored = spool, queue, on_stored
 
     def __call__(self, event: evt.Event) -> int:
+        started = time.perf_counter()
+        try:
+            return self._store(event)
+        finally:
+            STORE_SECONDS.observe(time.perf_counter() - started)  # /metrics
+
+    def _store(self, event: evt.Event) -> int:
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID)
         association = association_label(event.assoc)

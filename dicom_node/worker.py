@@ -14,6 +14,7 @@ destination over one association each, and settles every job:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import multiprocessing
 import os
@@ -357,6 +358,22 @@ def _load_enhancer(config: Config):
     return enhancer, is_derived_by_us
 
 
+def _write_status(spool: Spool, enhancer) -> None:
+    """spool/worker.json: the model this worker loaded, for the node's /health and /metrics."""
+    status = {"pid": os.getpid(), "loaded": False}
+    if enhancer is not None:
+        predictor = enhancer.predictor
+        status["device"] = str(predictor.device)
+        try:
+            status.update(loaded=True, model=predictor.name, identity=predictor.identity)
+        except Exception as exc:  # the checkpoint cannot be loaded: /health says so
+            status["error"] = repr(exc)
+    try:
+        write_atomic(spool.root / "worker.json", json.dumps(status).encode())
+    except OSError as exc:
+        log.warning("worker status not written", error=repr(exc))
+
+
 def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None) -> None:
     """Process entry point: work until `stop` is set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
@@ -371,6 +388,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     audit.send_to(audit_queue)
     enhancer, is_ours = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)
+    _write_status(worker.spool, enhancer)
     worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"))
     resumed = worker.queue.resume()
     if resumed:

@@ -70,7 +70,7 @@ class NodeProcess:
 
     def __init__(self, folder: Path, weights: Path, destinations: list[dict], *, port: int | None = None,
                  allowed: tuple[str, ...] = (), retry=(0.3, 1.0), forward_original: bool = True,
-                 enhance: tuple[str, ...] = ("CR", "DX")):
+                 enhance: tuple[str, ...] = ("CR", "DX"), http_port: int | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -88,6 +88,7 @@ class NodeProcess:
             f"forward_original = {'true' if forward_original else 'false'}",
             "[retry]", f"initial_seconds = {retry[0]}", f"max_seconds = {retry[1]}", "give_up_hours = 1",
             "[logging]", 'format = "json"', 'level = "info"',
+            "[http]", f"enabled = {'true' if http_port else 'false'}", f"port = {http_port or 0}",
         ]
         for dest in destinations:
             lines.append("[[destinations]]")

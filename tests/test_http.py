@@ -1,0 +1,70 @@
+"""GET /health and /metrics of a running node, against real traffic (storescu) and a real
+Prometheus text parser."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.data import get_testdata_file
+
+from tests.node_peers import NodeProcess, free_port, storescu, wait_until
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.timeout(120)
+def test_health_and_metrics_report_what_the_node_did(tmp_path, peers, constant_weights):
+    http_port = free_port()
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}],
+                       http_port=http_port)
+    peers.append(node)
+    node.start()
+    wait_until(lambda: json.loads(get(http_port, "/health")[1])["model"]["loaded"], 30, what="the model loaded")
+
+    cr, ct = Path(get_testdata_file("RG1_UNCR.dcm")), Path(get_testdata_file("CT_small.dcm"))
+    assert storescu([cr, ct], node.port).returncode == 0
+    node.wait_drained(expected_done=2)
+
+    status, body = get(http_port, "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["spool"]["writable"] and health["worker"]["alive"]
+    assert health["model"]["loaded"] and health["model"]["device"] == "cpu"
+    assert health["queue"] == {"received": 0, "processing": 0, "done": 2, "failed": 0}
+    (archive,) = health["destinations"]
+    assert archive["name"] == "archive" and archive["last_delivery"].endswith("Z") and archive["last_error"] is None
+
+    status, body = get(http_port, "/metrics")
+    assert status == 200
+    values = samples(body.decode())
+    assert values[("dicom_node_received_total", (("sop_class_uid", "1.2.840.10008.5.1.4.1.1.1"),))] == 1
+    assert values[("dicom_node_received_total", (("sop_class_uid", "1.2.840.10008.5.1.4.1.1.2"),))] == 1
+    assert values[("dicom_node_forwarded_total", (("destination", "archive"), ("item", "original")))] == 2
+    assert values[("dicom_node_forwarded_total", (("destination", "archive"), ("item", "derived")))] == 1
+    assert values[("dicom_node_enhanced_total", ())] == 1
+    assert values[("dicom_node_queue_jobs", (("state", "done"),))] == 2
+    assert values[("dicom_node_store_seconds_count", ())] == 2
+    assert any(name == "dicom_node_model_info" and dict(labels)["device"] == "cpu" for name, labels in values)
+    assert get(http_port, "/nothing")[0] == 404
+
+    incoming = node.spool / "incoming"  # the spool can no longer take a file: not healthy
+    incoming.rmdir()
+    incoming.write_text("not a folder")
+    status, body = get(http_port, "/health")
+    assert status == 503 and json.loads(body)["spool"]["writable"] is False
