@@ -14,6 +14,8 @@ from typing import Any
 from dicom_node.errors import ConfigError
 
 DEFAULT_CONFIG = "config.toml"
+#: [model] output_transfer_syntax values (all lossless; dicom_node.writer.OUTPUT_SYNTAXES maps them to UIDs)
+OUTPUT_TRANSFER_SYNTAXES = ("explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class ModelSettings:
     forward_original: bool = True
     parametric_map: bool = False  # also send the maps a, b, wc, ww as a DICOM Parametric Map
     max_burnt_out: float = 0.02  # window guard: widen the window where more of the anatomy would burn out (0 = off)
-    output_transfer_syntax: str = "explicit"  # or jpeg2000-lossless, rle, jpeg-ls-lossless (dicom_node.writer)
+    output_transfer_syntax: str = "explicit"  # one of OUTPUT_TRANSFER_SYNTAXES
 
 
 @dataclass(frozen=True)
@@ -300,8 +302,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         forward_original=s.boolean("forward_original", True),
         parametric_map=s.boolean("parametric_map", False),
         max_burnt_out=_fraction(s, "max_burnt_out", 0.02),
-        output_transfer_syntax=s.string("output_transfer_syntax", "explicit",
-                                        ("explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless")),
+        output_transfer_syntax=s.string("output_transfer_syntax", "explicit", OUTPUT_TRANSFER_SYNTAXES),
     )
 
     s = _Section(source, "retry", raw.get("retry", {}),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from dicom_node.config import OUTPUT_TRANSFER_SYNTAXES
 from model import DEFAULT_WEIGHTS
 
 
@@ -36,7 +37,7 @@ def output_path(out_dir: Path, ds) -> Path:
 @click.option("--max-burnt-out", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Window guard, as [model] max_burnt_out (0 = off).")
 @click.option("--output-transfer-syntax", "output_syntax", default="explicit", show_default=True,
-              type=click.Choice(["explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless"]),
+              type=click.Choice(OUTPUT_TRANSFER_SYNTAXES),
               help="How the derived pixels are encoded, as [model] output_transfer_syntax (all lossless).")
 def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entries, any_modality, max_burnt_out,
             output_syntax):

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID,
 from pydicom.valuerep import format_number_as_ds
 
 MODES = ("voi", "burn-in")
-#: [model] output_transfer_syntax: how the derived instance's pixels are encoded (all lossless).
+#: config.OUTPUT_TRANSFER_SYNTAXES (the names [model] output_transfer_syntax takes) -> transfer syntax.
 OUTPUT_SYNTAXES = {"explicit": uid.ExplicitVRLittleEndian, "jpeg2000-lossless": uid.JPEG2000Lossless,
                    "rle": uid.RLELossless, "jpeg-ls-lossless": uid.JPEGLSLossless}
 CR_STORAGE = uid.ComputedRadiographyImageStorage
@@ -212,7 +212,6 @@ def derive_instance(
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     return ds
-
 
 
 def encode_pixels(ds: Dataset, syntax: str) -> Dataset:

@@ -200,3 +200,10 @@ def test_a_compressed_output_decodes_to_the_uncompressed_output_exactly_and_pass
     if shutil.which("dciodvfy") is None and not os.environ.get("CI"):
         pytest.skip("dicom3tools not installed (.ci/run installs it)")
     assert not _dciodvfy_errors(tmp_path / "packed.dcm") - _dciodvfy_errors(source_path)
+
+
+def test_every_configurable_output_syntax_has_an_encoding():
+    from dicom_node.config import OUTPUT_TRANSFER_SYNTAXES
+    from dicom_node.writer import OUTPUT_SYNTAXES
+
+    assert tuple(OUTPUT_SYNTAXES) == OUTPUT_TRANSFER_SYNTAXES
