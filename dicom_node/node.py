@@ -180,19 +180,18 @@ class Node:
         except OSError as exc:
             raise NodeError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ([node] host/port):"
                             f" {exc.strerror or exc}") from None
-        self._start_worker()
         http = None
-        if cfg.http.enabled:
+        if cfg.http.enabled:  # before the worker starts: a busy port then leaves nothing to stop but the SCP
             from dicom_node.monitor import serve_http
 
             try:
                 http = serve_http(cfg, spool, lambda: self.worker is not None and self.worker.is_alive())
             except OSError as exc:
                 server.shutdown()
-                self.stop_worker.set()
                 raise NodeError(f"cannot listen on {cfg.http.host}:{cfg.http.port} ([http] host/port):"
                                 f" {exc.strerror or exc}") from None
             log.info("http: /health and /metrics", host=cfg.http.host, port=http.server_address[1])
+        self._start_worker()
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host, tls=cfg.node.tls is not None,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])

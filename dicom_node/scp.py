@@ -25,8 +25,8 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import audit
 from dicom_node.config import NodeSettings
-from dicom_node.monitor import STORE_SECONDS
 from dicom_node.jobs import JobQueue
+from dicom_node.monitor import STORE_SECONDS
 from dicom_node.spool import Spool
 
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU debug handlers: they cost throughput

@@ -83,32 +83,37 @@ class Spool:
         self.derived = self.root / "derived"
         self.failed = self.root / "failed"
         self.db_path = self.root / "queue.sqlite3"
-        self.lock_path = self.root / "node.lock"
-        self._lock_file = None
+        self._locks: dict[str, object] = {}  # lock file name -> its open file (the flock lives with it)
 
     def create(self) -> Spool:
         for folder in (self.incoming, self.derived, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
-    def lock(self) -> Spool:
-        """Take the spool for this process (an exclusive flock, released by the kernel when the
-        process dies, so a kill -9 leaves no stale lock). Two nodes on one spool would adopt,
-        send and delete each other's files."""
-        f = open(self.lock_path, "a+")
+    def _flock(self, name: str, wait: bool) -> bool:
+        """An exclusive flock on root/name, held while this process keeps the file open (the
+        kernel releases it when the process dies, so a kill -9 leaves no stale lock); the file
+        says which pid holds it. False when not waiting and another process holds it."""
+        f = open(self.root / name, "a+")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
             f.close()
-            raise NodeError(f"spool {self.root} is in use by another dicom-node ({holder}); "
-                            "one node per [spool] dir") from None
+            return False
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
-        self._lock_file = f
+        self._locks[name] = f
+        return True
+
+    def lock(self) -> Spool:
+        """Take the spool for this node process (node.lock). Two nodes on one spool would adopt,
+        send and delete each other's files."""
+        if not self._flock("node.lock", wait=False):
+            holder = (self.root / "node.lock").read_text().strip() or "another process"
+            raise NodeError(f"spool {self.root} is in use by another dicom-node ({holder}); "
+                            "one node per [spool] dir")
         return self
 
     def store_received(self, data: bytes | Callable[[BinaryIO], None], sop_instance_uid: str,
@@ -147,13 +152,9 @@ class Spool:
         """The worker's own exclusive lock (worker.lock), waited for: after a kill -9 of the node
         its old worker may still finish a batch; the new one must not resume those jobs
         meanwhile. Held until the process ends."""
-        f = open(self.root / "worker.lock", "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not self._flock("worker.lock", wait=False):
             on_wait()
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        self._worker_lock_file = f
+            self._flock("worker.lock", wait=True)
         return self
 
     def quarantine(self, paths: list[Path], reason: str) -> Path:

@@ -68,3 +68,22 @@ def test_health_and_metrics_report_what_the_node_did(tmp_path, peers, constant_w
     incoming.write_text("not a folder")
     status, body = get(http_port, "/health")
     assert status == 503 and json.loads(body)["spool"]["writable"] is False
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_http_port_stops_the_start_with_one_clear_line(tmp_path, constant_weights):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        node = NodeProcess(tmp_path / "node", constant_weights,
+                           [{"name": "archive", "type": "folder", "path": str(tmp_path / "out")}], http_port=port)
+        result = node.cli("serve", timeout=30)
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert f"error: cannot listen on 127.0.0.1:{port} ([http] host/port)" in result.stderr
+    assert "Traceback" not in result.stderr
