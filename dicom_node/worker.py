@@ -337,9 +337,11 @@ class Worker:
 
 
 def _load_enhancer(config: Config):
-    """The model, once, if anything is to be enhanced (imports torch: worker process only)."""
+    """The model, once, if anything is to be enhanced (imports torch: worker process only), and
+    what to tell /health about it (spool/worker.json)."""
+    status = {"pid": os.getpid(), "loaded": False}
     if not config.model.enhance:
-        return None, None
+        return None, None, status
     from dicom_node.enhancer import Enhancer
     from dicom_node.writer import is_derived_by_us
 
@@ -347,27 +349,22 @@ def _load_enhancer(config: Config):
     enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
                         max_burnt_out=config.model.max_burnt_out, output_syntax=config.model.output_transfer_syntax)
     predictor = enhancer.predictor
+    status["device"] = str(predictor.device)
     try:
         predictor.checkpoint  # noqa: B018 - load now (it is lazy), so the time and a bad file show here
     except Exception as exc:  # each job then tries again, and forwards its original after ENHANCE_ATTEMPTS
         log.error("model cannot be loaded", weights=str(config.model.weights), error=repr(exc))
-        return enhancer, is_derived_by_us
+        status["error"] = repr(exc)
+        return enhancer, is_derived_by_us, status
+    status.update(loaded=True, model=predictor.name, identity=predictor.identity)
     log.info("model loaded", weights=str(config.model.weights), model=predictor.name,
              device=str(predictor.device), configured_device=config.model.device, mode=config.model.mode,
              seconds=round(time.perf_counter() - started, 2))
-    return enhancer, is_derived_by_us
+    return enhancer, is_derived_by_us, status
 
 
-def _write_status(spool: Spool, enhancer) -> None:
+def _write_status(spool: Spool, status: dict) -> None:
     """spool/worker.json: the model this worker loaded, for the node's /health and /metrics."""
-    status = {"pid": os.getpid(), "loaded": False}
-    if enhancer is not None:
-        predictor = enhancer.predictor
-        status["device"] = str(predictor.device)
-        try:
-            status.update(loaded=True, model=predictor.name, identity=predictor.identity)
-        except Exception as exc:  # the checkpoint cannot be loaded: /health says so
-            status["error"] = repr(exc)
     try:
         write_atomic(spool.root / "worker.json", json.dumps(status).encode())
     except OSError as exc:
@@ -386,9 +383,9 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # pynetdicom's two error lines
     structlog.contextvars.bind_contextvars(process="worker")
     audit.send_to(audit_queue)
-    enhancer, is_ours = _load_enhancer(config)
+    enhancer, is_ours, status = _load_enhancer(config)
     worker = Worker(config, enhancer, is_ours)
-    _write_status(worker.spool, enhancer)
+    _write_status(worker.spool, status)
     worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"))
     resumed = worker.queue.resume()
     if resumed:
