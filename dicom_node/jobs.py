@@ -22,6 +22,11 @@ from pathlib import Path
 
 STATES = ("received", "processing", "done", "failed")
 
+
+def iso_utc(ts: float | None) -> str | None:
+    """A queue timestamp (epoch seconds) as ISO 8601 UTC, for reports."""
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -255,6 +260,36 @@ class JobQueue:
         return [Job.from_row(row) for row in self._conn().execute(
             "SELECT * FROM jobs WHERE state = 'received' AND attempts > 0 ORDER BY next_attempt_at, id LIMIT ?",
             (limit,))]
+
+    def received_by_class(self) -> dict[str, int]:
+        """Instances received (acknowledged), per SOP Class UID."""
+        return dict(self._conn().execute("SELECT sop_class_uid, COUNT(*) FROM jobs GROUP BY sop_class_uid"))
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """Items delivered, per (destination, item)."""
+        return {(dest, item): n for dest, item, n in self._conn().execute(
+            "SELECT destination, item, COUNT(*) FROM deliveries GROUP BY destination, item")}
+
+    def enhanced_count(self) -> int:
+        """Jobs whose derived instance reached at least one destination."""
+        return self._conn().execute("SELECT COUNT(DISTINCT job_id) FROM deliveries WHERE item = 'derived'").fetchone()[0]
+
+    def retry_count(self) -> int:
+        """Attempts after the first, over every job (a waiting job's attempts were all retried)."""
+        return self._conn().execute(
+            "SELECT COALESCE(SUM(CASE WHEN state IN ('done', 'failed') THEN MAX(attempts - 1, 0)"
+            " ELSE attempts END), 0) FROM jobs").fetchone()[0]
+
+    def last_delivery_at(self, destination: str) -> float | None:
+        return self._conn().execute("SELECT MAX(delivered_at) FROM deliveries WHERE destination = ?",
+                                    (destination,)).fetchone()[0]
+
+    def last_retry_error(self, destination: str) -> str | None:
+        """The latest error of a job waiting to retry that names `destination`."""
+        row = self._conn().execute(
+            "SELECT last_error FROM jobs WHERE state = 'received' AND attempts > 0 AND last_error LIKE ?"
+            " ORDER BY updated_at DESC LIMIT 1", (f"%{destination}%",)).fetchone()
+        return None if row is None else row[0]
 
     def jobs(self, state: str, limit: int = 50) -> list[Job]:
         return [Job.from_row(row) for row in self._conn().execute(

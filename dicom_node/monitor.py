@@ -12,7 +12,6 @@ restart. The store histogram is the node process's own (the C-STORE handler's ti
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from dicom_node.config import Config
+from dicom_node.jobs import STATES, JobQueue, iso_utc
 from dicom_node.spool import Spool, write_atomic
 
 REGISTRY = CollectorRegistry()
@@ -36,14 +36,9 @@ def worker_status_path(spool: Spool) -> Path:
     return spool.root / "worker.json"
 
 
-def _query(db: Path, sql: str, args=()) -> list[tuple]:
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+def _queue(spool: Spool) -> JobQueue | None:
+    """The queue, read-only, for one request (None before the node made it)."""
+    return JobQueue(spool.db_path, readonly=True) if spool.db_path.exists() else None
 
 
 def _worker_status(spool: Spool) -> dict:
@@ -63,37 +58,31 @@ def _spool_writable(spool: Spool) -> bool:
 
 
 def health(config: Config, spool: Spool, worker_alive: Callable[[], bool]) -> tuple[int, dict]:
-    db, now = spool.db_path, time.time()
-    counts = dict(_query(db, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-    oldest = _query(db, "SELECT MIN(received_at) FROM jobs WHERE state IN ('received', 'processing')")
-    oldest_at = oldest[0][0] if oldest else None
-    destinations = []
-    for dest in config.destinations:
-        last = _query(db, "SELECT MAX(delivered_at) FROM deliveries WHERE destination = ?", (dest.name,))
-        error = _query(db, "SELECT last_error, updated_at FROM jobs WHERE state = 'received' AND attempts > 0"
-                           " AND last_error LIKE ? ORDER BY updated_at DESC LIMIT 1", (f"%{dest.name}%",))
-        destinations.append({
+    queue = _queue(spool)
+    try:
+        counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
+        oldest = queue.oldest_pending() if queue else None
+        destinations = [{
             "name": dest.name, "type": dest.type,
-            "last_delivery": _iso(last[0][0]) if last and last[0][0] else None,
-            "last_error": error[0][0] if error else None,
-        })
+            "last_delivery": iso_utc(queue.last_delivery_at(dest.name)) if queue else None,
+            "last_error": queue.last_retry_error(dest.name) if queue else None,
+        } for dest in config.destinations]
+    finally:
+        if queue:
+            queue.close()
     model = _worker_status(spool)
     report = {
         "spool": {"path": str(spool.root), "writable": _spool_writable(spool)},
         "worker": {"alive": worker_alive()},
         "model": {"loaded": bool(model.get("loaded")), "name": model.get("model"), "device": model.get("device"),
                   "error": model.get("error")} if config.model.enhance else None,
-        "queue": {state: counts.get(state, 0) for state in ("received", "processing", "done", "failed")},
-        "oldest_pending_seconds": None if oldest_at is None else round(now - oldest_at, 1),
+        "queue": counts,
+        "oldest_pending_seconds": None if oldest is None else round(time.time() - oldest.received_at, 1),
         "destinations": destinations,
     }
     ok = report["spool"]["writable"] and report["worker"]["alive"]
     report["status"] = "ok" if ok else "unavailable"
     return (200 if ok else 503), report
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class QueueCollector:
@@ -103,33 +92,36 @@ class QueueCollector:
         self.spool = spool
 
     def collect(self):
-        db = self.spool.db_path
+        queue = _queue(self.spool)
+        try:
+            by_class = queue.received_by_class() if queue else {}
+            delivered = queue.delivery_counts() if queue else {}
+            enhanced, retries = (queue.enhanced_count(), queue.retry_count()) if queue else (0, 0)
+            counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
+            oldest = queue.oldest_pending() if queue else None
+        finally:
+            if queue:
+                queue.close()
         received = CounterMetricFamily("dicom_node_received", "Instances stored and acknowledged",
                                        labels=["sop_class_uid"])
-        for sop_class, n in _query(db, "SELECT sop_class_uid, COUNT(*) FROM jobs GROUP BY sop_class_uid"):
+        for sop_class, n in by_class.items():
             received.add_metric([sop_class], n)
         yield received
         forwarded = CounterMetricFamily("dicom_node_forwarded", "Items delivered (original, derived, "
                                         "parametric-map)", labels=["destination", "item"])
-        for dest, item, n in _query(db, "SELECT destination, item, COUNT(*) FROM deliveries GROUP BY destination, item"):
+        for (dest, item), n in delivered.items():
             forwarded.add_metric([dest, item], n)
         yield forwarded
-        enhanced = _query(db, "SELECT COUNT(DISTINCT job_id) FROM deliveries WHERE item = 'derived'")
         yield CounterMetricFamily("dicom_node_enhanced", "Instances whose enhanced instance was delivered",
-                                  value=enhanced[0][0] if enhanced else 0)
-        failed = _query(db, "SELECT COUNT(*) FROM jobs WHERE state = 'failed'")
-        yield CounterMetricFamily("dicom_node_failed", "Jobs held in failed/", value=failed[0][0] if failed else 0)
-        retries = _query(db, "SELECT COALESCE(SUM(MAX(attempts - 1, 0)), 0) FROM jobs WHERE state IN ('done', 'failed')"
-                             " UNION ALL SELECT COALESCE(SUM(attempts), 0) FROM jobs WHERE state IN ('received', 'processing')")
-        yield CounterMetricFamily("dicom_node_retries", "Attempts after the first", value=sum(r[0] for r in retries))
+                                  value=enhanced)
+        yield CounterMetricFamily("dicom_node_failed", "Jobs held in failed/", value=counts["failed"])
+        yield CounterMetricFamily("dicom_node_retries", "Attempts after the first", value=retries)
         depth = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs by state", labels=["state"])
-        counts = dict(_query(db, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-        for state in ("received", "processing", "done", "failed"):
-            depth.add_metric([state], counts.get(state, 0))
+        for state in STATES:
+            depth.add_metric([state], counts[state])
         yield depth
-        oldest = _query(db, "SELECT MIN(received_at) FROM jobs WHERE state IN ('received', 'processing')")
         yield GaugeMetricFamily("dicom_node_oldest_pending_seconds", "Age of the oldest job not done",
-                                value=time.time() - oldest[0][0] if oldest and oldest[0][0] else 0.0)
+                                value=0.0 if oldest is None else time.time() - oldest.received_at)
         size = sum(p.stat().st_size for p in self.spool.failed.glob("*") if p.is_file()) if self.spool.failed.exists() else 0
         yield GaugeMetricFamily("dicom_node_failed_bytes", "Size of spool/failed/", value=size)
         model = _worker_status(self.spool)

@@ -9,14 +9,11 @@ import time
 import click
 
 from dicom_node.config import DEFAULT_CONFIG
+from dicom_node.jobs import iso_utc
 
 _config_option = click.option(
     "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
     type=click.Path(dir_okay=False), help="The node's config.toml.")
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @click.command()
@@ -71,11 +68,11 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
         "counts": counts,
         "oldest_pending": None if oldest is None else {
             "job_id": oldest.id, "sop_instance_uid": oldest.sop_instance_uid,
-            "state": oldest.state, "received_at": _iso(oldest.received_at),
+            "state": oldest.state, "received_at": iso_utc(oldest.received_at),
             "age_seconds": round(now - oldest.received_at, 1), "attempts": oldest.attempts,
-            "next_attempt_at": _iso(oldest.next_attempt_at), "last_error": oldest.last_error},
+            "next_attempt_at": iso_utc(oldest.next_attempt_at), "last_error": oldest.last_error},
         "retrying": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid, "attempts": j.attempts,
-                      "next_attempt_at": _iso(j.next_attempt_at), "last_error": j.last_error} for j in retrying],
+                      "next_attempt_at": iso_utc(j.next_attempt_at), "last_error": j.last_error} for j in retrying],
         "failed": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid,
                     "path": str(j.path), "reason": j.last_error, "delivered_to": delivered.get(j.id, [])}
                    for j in failed],
@@ -89,15 +86,15 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
     if oldest is None:
         click.echo("oldest pending: none")
     else:
-        line = (f"oldest pending: job {oldest.id} ({oldest.state}) received {_iso(oldest.received_at)},"
+        line = (f"oldest pending: job {oldest.id} ({oldest.state}) received {iso_utc(oldest.received_at)},"
                 f" {now - oldest.received_at:.0f} s ago, attempts {oldest.attempts}")
         if oldest.last_error:
-            line += f", next attempt {_iso(oldest.next_attempt_at)}, last error: {oldest.last_error}"
+            line += f", next attempt {iso_utc(oldest.next_attempt_at)}, last error: {oldest.last_error}"
         click.echo(line)
     click.echo(f"retrying: {len(retrying)}" + (" (soonest first)" if retrying else ""))
     for job in retrying:
         click.echo(f"  job {job.id} {job.sop_instance_uid}: attempts {job.attempts}, next attempt"
-                   f" {_iso(job.next_attempt_at)}, last error: {job.last_error}")
+                   f" {iso_utc(job.next_attempt_at)}, last error: {job.last_error}")
     click.echo(f"failed: {counts['failed']}" + (" (newest first)" if failed else ""))
     for job in failed:
         click.echo(f"  job {job.id} {job.sop_instance_uid}: {job.last_error}")
