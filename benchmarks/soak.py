@@ -165,12 +165,13 @@ def main(argv=None) -> int:
         lost = acked_uids - in_pacs
         duplicated = sum(1 for u, c in stores.items() if c > 1)
         # the enhanced instances: what is in Orthanc beyond what was sent
+        sent_uids = set(uid.values())
+        derived = {u: i for u, i in orthanc.instance_ids().items() if u not in sent_uids}
         sources = Counter()
-        derived_ids = [i for u, i in orthanc.instance_ids().items() if u not in set(uid.values())]
-        for orthanc_id in derived_ids:
+        for orthanc_id in derived.values():
             tags = orthanc.get(f"/instances/{orthanc_id}/tags?simplify")
             sources[tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]] += 1
-        derived_uids = set(orthanc.instance_ids()) - set(uid.values())
+        derived_uids = set(derived)
         derived_repeats = sum(1 for u in derived_uids if stores[u] > 1)
         missing_enhanced = len(cr_uids & acked_uids) - sum(1 for u in cr_uids if sources[u] >= 1)
         shared = sum(1 for u, c in sources.items() if c > 1)
