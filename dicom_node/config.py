@@ -96,6 +96,7 @@ class HttpSettings:
     enabled: bool = True
     host: str = "127.0.0.1"  # loopback by default: /health and /metrics say what the node holds
     port: int = 8080
+    admin_token: str | None = None  # the status page's retry button needs it; None: retry refused
 
 
 @dataclass(frozen=True)
@@ -352,8 +353,8 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         audit_max_mb=s.number("audit_max_mb", 50.0),
         audit_backups=s.integer("audit_backups", 10, 0, 1000),
     )
-    s = _Section(source, "http", raw.get("http", {}), {"enabled", "host", "port"})
+    s = _Section(source, "http", raw.get("http", {}), {"enabled", "host", "port", "admin_token"})
     http = HttpSettings(enabled=s.boolean("enabled", True), host=s.string("host", "127.0.0.1"),
-                        port=s.integer("port", 8080, 0, 65535))
+                        port=s.integer("port", 8080, 0, 65535), admin_token=s.string("admin_token", "") or None)
     return Config(path=source, node=node, spool=spool, model=model, retry=retry,
                   destinations=tuple(destinations), logging=logging, http=http)

@@ -52,7 +52,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL NOT NULL,
     PRIMARY KEY (job_id, destination, item)
 );
+CREATE TABLE IF NOT EXISTS timings (
+    job_id INTEGER NOT NULL,
+    stage TEXT NOT NULL CHECK (stage IN ('enhance', 'send')),
+    destination TEXT NOT NULL DEFAULT '',
+    seconds REAL NOT NULL,
+    recorded_at REAL NOT NULL
+);
 """
+
+TIMED_STAGES = ("enhance", "send")
 
 
 @dataclass(frozen=True)
@@ -195,16 +204,18 @@ class JobQueue:
             conn.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
                          (job_id, destination, item, sop_instance_uid, time.time()))
 
-    def settle(self, deliveries=(), done=(), retries=(), failed=()) -> None:
+    def settle(self, deliveries=(), done=(), retries=(), failed=(), timings=()) -> None:
         """A whole batch in one transaction (one fsync instead of several per job).
 
         deliveries: (job_id, destination, item, sop_instance_uid); done: (job_id, note);
-        retries: (job_id, error, next_attempt_at); failed: (job_id, error, held_path).
+        retries: (job_id, error, next_attempt_at); failed: (job_id, error, held_path);
+        timings: (job_id, stage, destination, seconds), stage one of TIMED_STAGES.
         """
         now = time.time()
         with self._conn() as conn:
             conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
                              [(*d, now) for d in deliveries])
+            conn.executemany("INSERT INTO timings VALUES (?, ?, ?, ?, ?)", [(*t, now) for t in timings])
             conn.executemany(
                 "UPDATE jobs SET state = 'done', attempts = attempts + 1,"
                 " last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ?",
@@ -280,6 +291,15 @@ class JobQueue:
             "SELECT COALESCE(SUM(CASE WHEN state IN ('done', 'failed') THEN MAX(attempts - 1, 0)"
             " ELSE attempts END), 0) FROM jobs").fetchone()[0]
 
+    def timing_histogram(self, stage: str, buckets: tuple[float, ...]) -> dict[str, tuple[list[int], int, float]]:
+        """Seconds spent in `stage`, per destination ('' for enhance): (cumulative count at or
+        below each bucket bound, count, sum), as a Prometheus histogram wants them."""
+        at_or_below = ", ".join(f"SUM(seconds <= {float(b)!r})" for b in buckets)
+        rows = self._conn().execute(
+            f"SELECT destination, COUNT(*), SUM(seconds), {at_or_below} FROM timings WHERE stage = ?"
+            " GROUP BY destination", (stage,))
+        return {row[0]: (list(row[3:]), row[1], row[2]) for row in rows}
+
     def last_delivery_at(self, destination: str) -> float | None:
         return self._conn().execute("SELECT MAX(delivered_at) FROM deliveries WHERE destination = ?",
                                     (destination,)).fetchone()[0]
@@ -291,9 +311,11 @@ class JobQueue:
             " ORDER BY updated_at DESC LIMIT 1", (f"%{destination}%",)).fetchone()
         return None if row is None else row[0]
 
-    def jobs(self, state: str, limit: int = 50) -> list[Job]:
+    def jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs first, in `state` or in any state (None)."""
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         return [Job.from_row(row) for row in self._conn().execute(
-            "SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))]
+            f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*args, limit))]
 
     def delivered_uids(self, destination: str) -> list[str]:
         return [row[0] for row in self._conn().execute(

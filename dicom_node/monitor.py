@@ -1,4 +1,5 @@
-"""HTTP for monitoring, inside the node process ([http]): GET /health and GET /metrics.
+"""HTTP for monitoring, inside the node process ([http]): GET /health, GET /metrics, the
+status page at GET / with its thumbnails, and POST /retry (the page's button, token-checked).
 
 /health is JSON, 200 when the node can take images (the spool is writable and the worker runs),
 503 otherwise: the spool, the queue by state, the oldest pending age, the model the worker
@@ -7,28 +8,43 @@ loaded (and on which device), each destination's last delivery and last error.
 /metrics is the Prometheus text exposition (prometheus-client). Its counters and gauges are read
 from the queue database at each scrape: the database is what the node and its worker share, so
 the worker's figures (enhanced, forwarded, retries) need no multiprocess mode and survive a
-restart. The store histogram is the node process's own (the C-STORE handler's time).
+restart; so are the enhancement and send histograms (the worker records each time in the
+queue's timings table with its batch). The store histogram is the node process's own (the
+C-STORE handler's time until the answer: the ack latency).
 """
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 from dicom_node.config import Config
 from dicom_node.jobs import STATES, JobQueue, iso_utc
+from dicom_node.retry import retry_failed
 from dicom_node.spool import Spool, write_atomic
+from dicom_node.status_page import RecentInstance, StatusView, render_status_page
+from dicom_node.thumbnails import KEEP_JOBS, thumbnail_path
 
+log = structlog.get_logger("dicom_node.http")
 REGISTRY = CollectorRegistry()
 STORE_SECONDS = Histogram("dicom_node_store_seconds", "C-STORE handling in the node: spool write, fsyncs, "
                           "queue commit, until the answer", registry=REGISTRY,
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+WORK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TIMED = {  # queue timings stage -> (metric name, help)
+    "enhance": ("dicom_node_enhance_seconds", "Worker: one derived instance made (decode, model, remap, encode, write)"),
+    "send": ("dicom_node_send_seconds", "Worker: one item sent until the destination confirmed it"),
+}
 
 
 def worker_status_path(spool: Spool) -> Path:
@@ -99,9 +115,16 @@ class QueueCollector:
             enhanced, retries = (queue.enhanced_count(), queue.retry_count()) if queue else (0, 0)
             counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
             oldest = queue.oldest_pending() if queue else None
+            timings = {stage: queue.timing_histogram(stage, WORK_BUCKETS) if queue else {} for stage in TIMED}
         finally:
             if queue:
                 queue.close()
+        for stage, (name, text) in TIMED.items():
+            family = HistogramMetricFamily(name, text, labels=["destination"] if stage == "send" else None)
+            for destination, (cumulative, count, total) in timings[stage].items():
+                buckets = [(repr(float(b)), n) for b, n in zip(WORK_BUCKETS, cumulative)] + [("+Inf", count)]
+                family.add_metric([destination] if stage == "send" else [], buckets, total)
+            yield family
         received = CounterMetricFamily("dicom_node_received", "Instances stored and acknowledged",
                                        labels=["sop_class_uid"])
         for sop_class, n in by_class.items():
@@ -132,21 +155,99 @@ class QueueCollector:
             yield info
 
 
-def serve_http(config: Config, spool: Spool, worker_alive: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Start the endpoint in a daemon thread; the caller shuts it down."""
+_THUMBNAIL = re.compile(r"^/thumbs/(\d+)/(before|after)\.png$")
+
+
+def status_view(config: Config, spool: Spool, notice: str | None = None) -> StatusView:
+    """What the status page shows, read from the queue and the spool now."""
+    queue = _queue(spool)
+    try:
+        counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
+        recent = queue.jobs(None, KEEP_JOBS) if queue else []
+        failed = queue.jobs("failed", KEEP_JOBS) if queue else []
+        delivered_to = {j.id: sorted(f"{dest} ({item})" for dest, item in queue.deliveries(j.id)) for j in failed}
+    finally:
+        if queue:
+            queue.close()
+    _, report = health(config, spool, lambda: True)
+    return StatusView(
+        ae_title=config.node.ae_title, counts=counts, destinations=report["destinations"],
+        recent=[RecentInstance(j, thumbnail_path(spool, j.id, "after").exists()) for j in recent],
+        failed=failed, delivered_to=delivered_to, notice=notice, retry_enabled=config.http.admin_token is not None)
+
+
+def token_accepted(config: Config, offered: str) -> bool:
+    """The admin token matches (compared in constant time); never without one configured."""
+    expected = config.http.admin_token
+    return expected is not None and hmac.compare_digest(offered.encode(), expected.encode())
+
+
+def serve_http(config: Config, spool: Spool, worker_alive: Callable[[], bool],
+               on_requeued: Callable[[], None] = lambda: None) -> ThreadingHTTPServer:
+    """Start the endpoint in a daemon thread; the caller shuts it down. `on_requeued` is called
+    after the page's retry put a job back (the node wakes its worker)."""
     registry = CollectorRegistry()
     registry.register(QueueCollector(spool))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
-            if self.path.split("?")[0] == "/health":
+            url = urllib.parse.urlsplit(self.path)
+            if url.path == "/health":
                 status, report = health(config, spool, worker_alive)
-                body, kind = json.dumps(report, indent=2).encode(), "application/json"
-            elif self.path.split("?")[0] == "/metrics":
-                status, kind = 200, CONTENT_TYPE_LATEST
-                body = generate_latest(registry) + generate_latest(REGISTRY)
+                self.answer(status, json.dumps(report, indent=2).encode(), "application/json")
+            elif url.path == "/metrics":
+                self.answer(200, generate_latest(registry) + generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif url.path == "/":
+                notice = urllib.parse.parse_qs(url.query).get("notice", [None])[0]
+                page = render_status_page(status_view(config, spool, notice))
+                self.answer(200, page.encode(), "text/html; charset=utf-8")
+            elif match := _THUMBNAIL.match(url.path):
+                try:
+                    png = thumbnail_path(spool, int(match.group(1)), match.group(2)).read_bytes()
+                except OSError:
+                    self.answer(404, b"no such thumbnail (only the newest jobs keep theirs)\n", "text/plain")
+                else:
+                    self.answer(200, png, "image/png")
             else:
-                status, body, kind = 404, b"not found: /health or /metrics\n", "text/plain"
+                self.answer(404, b"not found: /, /health or /metrics\n", "text/plain")
+
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            if urllib.parse.urlsplit(self.path).path != "/retry":
+                self.answer(404, b"not found: POST /retry\n", "text/plain")
+                return
+            length = min(int(self.headers.get("Content-Length") or 0), 4096)
+            form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+            if not token_accepted(config, form.get("token", [""])[0]):
+                log.warning("retry refused: no or wrong admin token", client=self.client_address[0])
+                why = ("the admin token is wrong" if config.http.admin_token is not None
+                       else "retry from this page is off: [http] admin_token is not set")
+                self.answer(401, f"<!doctype html><title>401</title><p id=\"error\">401 Unauthorized: {why}."
+                                 "</p><p><a href=\"/\">back</a></p>".encode(), "text/html; charset=utf-8")
+                return
+            try:
+                job_id = int(form.get("job", [""])[0])
+            except ValueError:
+                self.answer(400, b"job must be a job id\n", "text/plain")
+                return
+            queue = JobQueue(spool.db_path)
+            try:
+                result = retry_failed(spool, queue, [job_id])
+            finally:
+                queue.close()
+            if result.requeued:
+                on_requeued()
+                notice = f"job {job_id} queued again"
+            elif result.superseded:
+                notice = f"job {job_id} not retried: the instance was received again since"
+            else:
+                notice = f"job {job_id} is not failed (or unknown)"
+            log.info("retry from the status page", job_id=job_id, client=self.client_address[0], outcome=notice)
+            self.send_response(303)
+            self.send_header("Location", "/?" + urllib.parse.urlencode({"notice": notice}))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def answer(self, status: int, body: bytes, kind: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))

@@ -185,7 +185,8 @@ class Node:
             from dicom_node.monitor import serve_http
 
             try:
-                http = serve_http(cfg, spool, lambda: self.worker is not None and self.worker.is_alive())
+                http = serve_http(cfg, spool, lambda: self.worker is not None and self.worker.is_alive(),
+                                  on_requeued=self.wake.set)
             except OSError as exc:
                 server.shutdown()
                 raise NodeError(f"cannot listen on {cfg.http.host}:{cfg.http.port} ([http] host/port):"

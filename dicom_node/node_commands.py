@@ -134,6 +134,7 @@ def retry(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
     stays in each job's last error until it is done."""
     from dicom_node.config import load_config
     from dicom_node.jobs import JobQueue
+    from dicom_node.retry import retry_failed
     from dicom_node.spool import Spool
 
     if bool(job_ids) == all_failed:
@@ -142,18 +143,12 @@ def retry(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
     spool = Spool(config.spool.dir)
     if not spool.db_path.exists():
         raise click.UsageError(f"no queue at {spool.db_path}: has the node run with this config?")
-    queue = JobQueue(spool.db_path)
-    chosen = [j for j in queue.jobs("failed", limit=1_000_000) if all_failed or j.id in job_ids]
-    for job in chosen:  # before the jobs are queued: a new failure must not lose its fresh reason
-        spool.remove(job.path.with_name(job.path.name + ".reason.txt"))
-    requeued = queue.requeue_failed([j.id for j in chosen])
-    for job in requeued:
+    result = retry_failed(spool, JobQueue(spool.db_path), None if all_failed else list(job_ids))
+    for job in result.requeued:
         click.echo(f"job {job.id} {job.sop_instance_uid}: queued again (it had failed: {job.last_error})")
-    superseded = [j for j in chosen if j.id not in {r.id for r in requeued}]
-    for job in superseded:
+    for job in result.superseded:
         click.echo(f"job {job.id} {job.sop_instance_uid}: not retried, the instance was received again since")
-    missing = sorted(set(job_ids) - {j.id for j in chosen})
-    if missing:
-        click.echo(f"not failed, or unknown: {', '.join(map(str, missing))}", err=True)
+    if result.unknown:
+        click.echo(f"not failed, or unknown: {', '.join(map(str, result.unknown))}", err=True)
         sys.exit(1)
-    click.echo(f"{len(requeued)} job(s) queued again")
+    click.echo(f"{len(result.requeued)} job(s) queued again")

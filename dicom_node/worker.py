@@ -39,6 +39,7 @@ from dicom_node.forwarder import Item, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.logs import configure_logging
 from dicom_node.spool import Spool, write_atomic
+from dicom_node.thumbnails import write_thumbnails
 from dicom_node.writer import enhanced_classes
 
 log = structlog.get_logger("dicom_node.worker")
@@ -99,6 +100,7 @@ class Settlement:
     failed: list = field(default_factory=list)
     finished_files: list = field(default_factory=list)
     logs: list = field(default_factory=list)  # (event, fields): logged once committed
+    timings: list = field(default_factory=list)  # (job_id, stage, destination, seconds): /metrics histograms
 
 
 @dataclass
@@ -128,6 +130,13 @@ def out_of_space(exc: BaseException | None) -> bool:
     return False
 
 
+def timed(call, *args):
+    """(call(*args), the seconds it took)."""
+    started = time.perf_counter()
+    result = call(*args)
+    return result, time.perf_counter() - started
+
+
 def send_or_retry(target, items: list[Item], on_delivered=None) -> list[Outcome]:
     """One outcome per item from `target.send_batch`; anything unexpected is a retry."""
     try:
@@ -154,6 +163,7 @@ class Worker:
     def run_once(self, stop=None) -> int:
         """Claim and work one batch; returns how many jobs it took."""
         jobs = self.queue.claim(BATCH_SIZE)
+        self.timings: list = []  # (job_id, stage, destination, seconds): derive and the sends add theirs
         plans: list[Plan] = []
         started = time.monotonic()
         for i, job in enumerate(jobs):
@@ -175,23 +185,26 @@ class Worker:
                 work.append((target, pending))
         # every destination at once: a PACS that hangs until its timeouts holds up only itself
         with ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
-            sent = [(target, pending, pool.submit(send_or_retry, target, [item for _, item in pending],
+            sent = [(target, pending, pool.submit(timed, send_or_retry, target, [item for _, item in pending],
                                                   self._recorder(target.name, pending)))
                     for target, pending in work]
         for target, pending, future in sent:
-            for (plan, item), outcome in zip(pending, future.result()):
+            outcomes, seconds = future.result()
+            for (plan, item), outcome in zip(pending, outcomes):
                 plan.outcomes.append((target.name, item, outcome))
+                if outcome.delivered:  # /metrics: the send's time, shared by what it carried
+                    self.timings.append((plan.job.id, "send", target.name, seconds / len(pending)))
                 audit.record("delivered" if outcome.delivered else f"delivery {outcome.result}",
                              association=plan.job.association, calling_ae=plan.job.calling_aet,
                              sop_instance_uid=item.sop_instance_uid, item=item.kind, destination=target.name,
                              job_id=plan.job.id, outcome=outcome.detail or "delivered")
                 if outcome.delivered:
                     delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))
-        batch = Settlement(deliveries=delivered)
+        batch = Settlement(deliveries=delivered, timings=self.timings)
         for plan in plans:
             self.settle(plan, batch)
         # one commit for the whole batch, then the files of finished jobs go
-        self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed)
+        self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed, batch.timings)
         for job_id, path in batch.finished_files:
             self.spool.remove(path, self.spool.derived_path(job_id), self.maps_path(job_id), sync=False)
         for event, fields in batch.logs:
@@ -267,10 +280,17 @@ class Worker:
                 maps = self.enhancer.parametric_map(ds, prediction)
                 write_atomic(self.maps_path(job.id), lambda f: maps.save_as(f, enforce_file_format=True))
             write_atomic(path, lambda f: head.save_as(f, enforce_file_format=True))
+            seconds = time.perf_counter() - started
+            self.timings.append((job.id, "enhance", "", seconds))
+            if self.config.http.enabled:  # the status page's before/after, as a viewer shows them
+                try:
+                    write_thumbnails(self.spool, job.id, ds, head)
+                except Exception as exc:  # a picture for the page is never worth the image
+                    log.warning("thumbnail not written", error=repr(exc))
             if prediction.guard:
                 log.warning("window guard", derived_uid=str(head.SOPInstanceUID), detail=prediction.guard.describe())
             log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
-                     seconds=round(time.perf_counter() - started, 3))
+                     seconds=round(seconds, 3))
             audit.record("derived", association=job.association, calling_ae=job.calling_aet,
                          sop_instance_uid=str(head.SOPInstanceUID), source_sop_instance_uid=job.sop_instance_uid,
                          job_id=job.id, outcome="guarded" if prediction.guard else "enhanced")

@@ -70,7 +70,8 @@ class NodeProcess:
 
     def __init__(self, folder: Path, weights: Path, destinations: list[dict], *, port: int | None = None,
                  allowed: tuple[str, ...] = (), retry=(0.3, 1.0), forward_original: bool = True,
-                 enhance: tuple[str, ...] = ("CR", "DX"), http_port: int | None = None):
+                 enhance: tuple[str, ...] = ("CR", "DX"), http_port: int | None = None,
+                 admin_token: str | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -89,6 +90,7 @@ class NodeProcess:
             "[retry]", f"initial_seconds = {retry[0]}", f"max_seconds = {retry[1]}", "give_up_hours = 1",
             "[logging]", 'format = "json"', 'level = "info"',
             "[http]", f"enabled = {'true' if http_port else 'false'}", f"port = {http_port or 0}",
+            *([f"admin_token = {json.dumps(admin_token)}"] if admin_token else []),
         ]
         for dest in destinations:
             lines.append("[[destinations]]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,16 @@ from tests.node_peers import NodeProcess, free_port, storescu, wait_until
 def get(port: int, path: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def post(port: int, path: str, form: dict) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     data=urllib.parse.urlencode(form).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -60,8 +71,20 @@ def test_health_and_metrics_report_what_the_node_did(tmp_path, peers, constant_w
     assert values[("dicom_node_enhanced_total", ())] == 1
     assert values[("dicom_node_queue_jobs", (("state", "done"),))] == 2
     assert values[("dicom_node_store_seconds_count", ())] == 2
+    # the worker's times, from the queue: one enhancement, three items sent to the folder
+    assert values[("dicom_node_enhance_seconds_count", ())] == 1
+    assert 0 < values[("dicom_node_enhance_seconds_sum", ())] < 60
+    assert values[("dicom_node_enhance_seconds_bucket", (("le", "+Inf"),))] == 1
+    assert values[("dicom_node_send_seconds_count", (("destination", "archive"),))] == 3
+    buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in values.items()
+                     if name == "dicom_node_send_seconds_bucket")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 3  # cumulative
     assert any(name == "dicom_node_model_info" and dict(labels)["device"] == "cpu" for name, labels in values)
     assert get(http_port, "/nothing")[0] == 404
+    assert get(http_port, "/thumbs/1/after.png")[1][:8] == b"\x89PNG\r\n\x1a\n"  # the CR's, for the page
+    assert get(http_port, "/thumbs/2/after.png")[0] == 404  # the CT was not enhanced
+    status, body = post(http_port, "/retry", {"job": "1", "token": ""})
+    assert status == 401 and b"[http] admin_token is not set" in body  # no token configured: retry is off
 
     incoming = node.spool / "incoming"  # the spool can no longer take a file: not healthy
     incoming.rmdir()
