@@ -276,14 +276,22 @@ class JobQueue:
         """Instances received (acknowledged), per SOP Class UID."""
         return dict(self._conn().execute("SELECT sop_class_uid, COUNT(*) FROM jobs GROUP BY sop_class_uid"))
 
-    def delivery_counts(self) -> dict[tuple[str, str], int]:
-        """Items delivered, per (destination, item)."""
-        return {(dest, item): n for dest, item, n in self._conn().execute(
-            "SELECT destination, item, COUNT(*) FROM deliveries GROUP BY destination, item")}
+    def delivery_counts(self) -> dict[tuple[str, str, str], int]:
+        """Items delivered, per (destination, item, the received instance's SOP Class UID)."""
+        return {(dest, item, sop_class): n for dest, item, sop_class, n in self._conn().execute(
+            "SELECT d.destination, d.item, j.sop_class_uid, COUNT(*) FROM deliveries AS d"
+            " JOIN jobs AS j ON j.id = d.job_id GROUP BY d.destination, d.item, j.sop_class_uid")}
 
-    def enhanced_count(self) -> int:
-        """Jobs whose derived instance reached at least one destination."""
-        return self._conn().execute("SELECT COUNT(DISTINCT job_id) FROM deliveries WHERE item = 'derived'").fetchone()[0]
+    def enhanced_by_class(self) -> dict[str, int]:
+        """Jobs whose derived instance reached at least one destination, per SOP Class UID."""
+        return dict(self._conn().execute(
+            "SELECT sop_class_uid, COUNT(*) FROM jobs WHERE id IN"
+            " (SELECT job_id FROM deliveries WHERE item = 'derived') GROUP BY sop_class_uid"))
+
+    def failed_by_class(self) -> dict[str, int]:
+        """Jobs held in failed/, per SOP Class UID."""
+        return dict(self._conn().execute(
+            "SELECT sop_class_uid, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY sop_class_uid"))
 
     def retry_count(self) -> int:
         """Attempts after the first, over every job (a waiting job's attempts were all retried)."""

@@ -112,7 +112,9 @@ class QueueCollector:
         try:
             by_class = queue.received_by_class() if queue else {}
             delivered = queue.delivery_counts() if queue else {}
-            enhanced, retries = (queue.enhanced_count(), queue.retry_count()) if queue else (0, 0)
+            enhanced = queue.enhanced_by_class() if queue else {}
+            failed = queue.failed_by_class() if queue else {}
+            retries = queue.retry_count() if queue else 0
             counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
             oldest = queue.oldest_pending() if queue else None
             timings = {stage: queue.timing_histogram(stage, WORK_BUCKETS) if queue else {} for stage in TIMED}
@@ -131,13 +133,17 @@ class QueueCollector:
             received.add_metric([sop_class], n)
         yield received
         forwarded = CounterMetricFamily("dicom_node_forwarded", "Items delivered (original, derived, "
-                                        "parametric-map)", labels=["destination", "item"])
-        for (dest, item), n in delivered.items():
-            forwarded.add_metric([dest, item], n)
+                                        "parametric-map), by the received instance's SOP class",
+                                        labels=["destination", "item", "sop_class_uid"])
+        for (dest, item, sop_class), n in delivered.items():
+            forwarded.add_metric([dest, item, sop_class], n)
         yield forwarded
-        yield CounterMetricFamily("dicom_node_enhanced", "Instances whose enhanced instance was delivered",
-                                  value=enhanced)
-        yield CounterMetricFamily("dicom_node_failed", "Jobs held in failed/", value=counts["failed"])
+        for name, text, by_class in (("dicom_node_enhanced", "Instances whose enhanced instance was delivered", enhanced),
+                                     ("dicom_node_failed", "Jobs held in failed/", failed)):
+            family = CounterMetricFamily(name, text, labels=["sop_class_uid"])
+            for sop_class, n in by_class.items():
+                family.add_metric([sop_class], n)
+            yield family
         yield CounterMetricFamily("dicom_node_retries", "Attempts after the first", value=retries)
         depth = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs by state", labels=["state"])
         for state in STATES:

@@ -66,9 +66,14 @@ def test_health_and_metrics_report_what_the_node_did(tmp_path, peers, constant_w
     values = samples(body.decode())
     assert values[("dicom_node_received_total", (("sop_class_uid", "1.2.840.10008.5.1.4.1.1.1"),))] == 1
     assert values[("dicom_node_received_total", (("sop_class_uid", "1.2.840.10008.5.1.4.1.1.2"),))] == 1
-    assert values[("dicom_node_forwarded_total", (("destination", "archive"), ("item", "original")))] == 2
-    assert values[("dicom_node_forwarded_total", (("destination", "archive"), ("item", "derived")))] == 1
-    assert values[("dicom_node_enhanced_total", ())] == 1
+    cr_class, ct_class = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2"
+    forwarded = {labels: v for (name, labels), v in values.items() if name == "dicom_node_forwarded_total"}
+    assert forwarded == {
+        (("destination", "archive"), ("item", "original"), ("sop_class_uid", cr_class)): 1,
+        (("destination", "archive"), ("item", "original"), ("sop_class_uid", ct_class)): 1,
+        (("destination", "archive"), ("item", "derived"), ("sop_class_uid", cr_class)): 1}
+    assert values[("dicom_node_enhanced_total", (("sop_class_uid", cr_class),))] == 1
+    assert not any(name == "dicom_node_failed_total" for name, _ in values)  # nothing failed
     assert values[("dicom_node_queue_jobs", (("state", "done"),))] == 2
     assert values[("dicom_node_store_seconds_count", ())] == 2
     # the worker's times, from the queue: one enhancement, three items sent to the folder

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
 from tests.node_peers import DCMTK_ENV, NodeProcess, free_port, port_open, storescu, wait_until
@@ -104,6 +105,12 @@ def test_status_page_in_chromium_shows_counts_thumbnails_failures_and_retries_wi
             picture = np.asarray(Image.open(io.BytesIO(response.read())))
         assert picture.dtype == np.uint8 and max(picture.shape) <= 256 and picture.std() > 5
     assert recent[ct_job].find_elements(By.TAG_NAME, "img") == []  # not enhanced, no pictures
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        metrics = {(s.name, tuple(s.labels.values())): s.value
+                   for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
+    assert metrics[("dicom_node_failed_total", ("1.2.840.10008.5.1.4.1.1.1",))] == 1  # the CR
+    assert metrics[("dicom_node_failed_total", ("1.2.840.10008.5.1.4.1.1.2",))] == 1  # the CT
 
     failed = rows(browser, "failed")
     reason = failed[cr_job].find_element(By.CLASS_NAME, "reason").text
