@@ -2,6 +2,7 @@
 DCMTK storescu/storescp. Loopback only, free ports, every process stopped by its owner."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,20 @@ def storescu(files, port: int, calling: str = "MODALITY", called: str = "ENHANCE
     cmd = ["storescu", "-v", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
            *map(str, files)]
     return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def storescp(folder: Path, aet: str, port: int):
+    """DCMTK's storescp writing what it receives into `folder` (made here), until the block ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["storescp", "-aet", aet, "-od", str(folder), str(port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 15, what="storescp to listen")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def copies_with_new_uids(source: Path, folder: Path, n: int, prefix: str = "img") -> list[Path]:

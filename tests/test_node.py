@@ -21,7 +21,7 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_node.reader import read_radiograph
 from dicom_node.writer import is_derived_by_us
 from tests.node_peers import (
-    DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, free_port, storescu, wait_until,
+    DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, free_port, storescp, storescu, wait_until,
 )
 
 CR_FILES = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm"]
@@ -397,8 +397,6 @@ def test_failures_are_classified_and_compressed_files_are_transcoded_for_a_picky
 @pytest.mark.timeout(90)
 def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it_once_it_is_back(
         tmp_path, peers, constant_weights):
-    from tests.node_peers import port_open
-
     pacs_port = free_port()
     outbox = tmp_path / "outbox"
     node = NodeProcess(tmp_path / "node", constant_weights, [
@@ -420,11 +418,7 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it
 
     # the PACS is back: `retry` puts it in the queue again while the node runs, and it arrives
     received = tmp_path / "pacs"
-    received.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "GONE", "-od", str(received), str(pacs_port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: port_open(pacs_port), 15, what="storescp to listen")
+    with storescp(received, "GONE", pacs_port):
         wrong = node.cli("retry", "999")
         assert wrong.returncode == 1 and "not failed, or unknown: 999" in wrong.stderr
         again = node.cli("retry", "--all")
@@ -434,9 +428,6 @@ def test_a_destination_down_past_give_up_hours_ends_in_failed_and_retry_sends_it
         assert [pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()] == [uid_of(sample("CT_small.dcm"))]
         assert not held.exists() and not held.with_name(held.name + ".reason.txt").exists()
         assert len(list(outbox.rglob("*.dcm"))) == 1  # the retry went only where it was missing
-    finally:
-        pacs.terminate()
-        pacs.wait(10)
 
 
 @pytest.mark.timeout(60)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,7 +16,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
-from tests.node_peers import DCMTK_ENV, NodeProcess, free_port, port_open, storescu, wait_until
+from tests.node_peers import NodeProcess, free_port, storescp, storescu
 
 TOKEN = "correct horse battery staple"
 
@@ -127,11 +126,7 @@ def test_status_page_in_chromium_shows_counts_thumbnails_failures_and_retries_wi
 
     # the PACS comes back; the right token queues the CR again and it is delivered
     received = tmp_path / "pacs"
-    received.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: port_open(pacs_port), 15, what="storescp to listen")
+    with storescp(received, "PACS", pacs_port):
         browser.get(page)
         assert press_retry(browser, cr_job, TOKEN, "notice") == f"job {cr_job} queued again"
         report = node.wait_drained(expected_done=2, timeout=60)
@@ -145,9 +140,6 @@ def test_status_page_in_chromium_shows_counts_thumbnails_failures_and_retries_wi
         shot = tmp_path / "status-retried.png"
         browser.save_screenshot(str(shot))
         assert Image.open(shot).size[0] > 0
-    finally:
-        pacs.terminate()
-        pacs.wait(10)
 
 
 def _uid(path: Path) -> str:
