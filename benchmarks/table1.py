@@ -306,15 +306,15 @@ def run_all(run: Run, command: str) -> str:
     figures_step(run, checkpoints, rows)
     from training.archive import Archive
 
-    arch = Archive(run.archive, 8, cache=run.cache)
-    test = arch.items("test")
+    archive = Archive(run.archive, 8, cache=run.cache)
+    test = archive.items("test")
     sizes = sorted({tuple(it.shape) for it in test})
     m = run.mode
     tc = train_config(run, specs[0])
     meta = {
         "mode": m.name, "command": command,
         "archive": (f"`synth --n {m.anatomies} --perturbations {m.perturbations} --max-size {m.max_size} --seed {run.seed}"
-                    f"{'' if m.real else ' --no-real'}` ({len(arch.rows)} acquisitions; split by anatomy)"),
+                    f"{'' if m.real else ' --no-real'}` ({len(archive.rows)} acquisitions; split by anatomy)"),
         "test_images": f"{len(test)} ({len({it.group for it in test})} anatomies; sizes {sizes[0][0]}x{sizes[0][1]} "
                        f"to {sizes[-1][0]}x{sizes[-1][1]})",
         "training": (f"every learned row: training.loop, {tc.epochs} epochs (early stop after {tc.patience} without a "

@@ -111,10 +111,10 @@ class Predictor:
 
     @torch.inference_mode()
     def post_process(self, x: torch.Tensor, maps: torch.Tensor, want_z: bool = True) -> Prediction:
-        ds = self.checkpoint.config.downsample
+        factor = self.checkpoint.config.downsample
         a, b, wc, ww = maps[:, None, None].unbind(0)  # each (1, 1, h, w)
-        y, z = remap(x, a, b, wc, ww, downsample=ds, want_z=want_z)
-        return Prediction(x=x, y=y, z=z if want_z else None, maps=maps, downsample=ds, window=aggregate_window(maps))
+        y, z = remap(x, a, b, wc, ww, downsample=factor, want_z=want_z)
+        return Prediction(x=x, y=y, z=z if want_z else None, maps=maps, downsample=factor, window=aggregate_window(maps))
 
     def __call__(self, x: np.ndarray, want_z: bool = True) -> Prediction:
         """want_z: the per-pixel window's presentation (burn-in) is computed, and guarded; else the

@@ -90,8 +90,8 @@ def test_synth_archive_format_and_no_leakage(tiny_archive):
 
 
 def test_perturbed_acquisitions_of_one_anatomy_share_their_target(tiny_archive, tmp_path):
-    arch = Archive(tiny_archive, 8, cache=tmp_path / "cache")
-    items = arch.items()
+    archive = Archive(tiny_archive, 8, cache=tmp_path / "cache")
+    items = archive.items()
     by_group = {}
     for it in items:
         by_group.setdefault(it.group, []).append(it)
@@ -215,15 +215,15 @@ def test_target_only_rows_are_fitted(tiny_archive, tmp_path):
     from training.synth import radiograph_dataset
 
     rows = _copy_archive(tiny_archive, tmp_path / "a")
-    arch_params = Archive(tiny_archive, 8, cache=tmp_path / "c0")
-    item = arch_params.item(arch_params.rows[0])
+    with_params = Archive(tiny_archive, 8, cache=tmp_path / "c0")
+    item = with_params.item(with_params.rows[0])
     z = np.asarray(item.z, np.float32)
     ds = radiograph_dataset(z, bits=16, photometric="MONOCHROME2", modality="CR", uid_key="target-0")
     ds.save_as(tmp_path / "a" / "target0.dcm", enforce_file_format=True)
     rows[0]["target"], rows[0]["params"] = "target0.dcm", ""
     _write_manifest(tmp_path / "a", rows)
-    arch = Archive(tmp_path / "a", 8, cache=tmp_path / "c1")
-    fitted = arch.item(arch.rows[0])
+    archive = Archive(tmp_path / "a", 8, cache=tmp_path / "c1")
+    fitted = archive.item(archive.rows[0])
     _, maps = fitted.low()
     assert (maps[0] >= 0).all() and (maps[3] > 0).all()
     x = torch.from_numpy(np.asarray(fitted.x, np.float32))
@@ -265,8 +265,8 @@ def test_augmented_samples_keep_remap_of_maps_equal_to_target(tiny_archive, tmp_
         "marker": AugmentConfig(**off, marker=1),
         "real": REAL_AUGMENT,
     }[kind]
-    arch = Archive(tiny_archive, 4, cache=tmp_path / "c")
-    item = arch.items("train")[0]
+    archive = Archive(tiny_archive, 4, cache=tmp_path / "c")
+    item = archive.items("train")[0]
     errors, changed = [], []
     for seed in range(3):
         s = make_sample(item, np.random.default_rng(seed), 96, 4, aug, points=2048)
@@ -326,3 +326,17 @@ def test_the_robust_image_term_is_the_mse_where_small_and_grows_slowly_beyond_it
     assert float(robust(small, 2e-3)) == pytest.approx(1e-5, rel=0.01)
     assert float(robust(large, 2e-3)) < 0.01
     assert float(robust(large, 0.0)) == pytest.approx(0.1)
+
+
+def test_a_synthetic_dx_is_labelled_for_processing_as_its_sop_class_says():
+    """DX For Processing (PS3.3 C.8.11.1.1.1): Presentation Intent Type must say FOR PROCESSING."""
+    from pydicom.uid import DigitalXRayImageStorageForProcessing
+
+    from dicom_node.reader import read_radiograph
+    from training.synth import radiograph_dataset
+
+    x = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
+    ds = radiograph_dataset(x, bits=12, photometric="MONOCHROME2", modality="DX", uid_key="dx-label")
+    assert ds.SOPClassUID == DigitalXRayImageStorageForProcessing
+    assert ds.PresentationIntentType == "FOR PROCESSING"
+    assert np.abs(read_radiograph(ds) - x).max() <= 0.5 / 4095 + 1e-6

@@ -59,12 +59,12 @@ def produces_maps(model: nn.Module) -> bool:
 def render(model: nn.Module, x: torch.Tensor, out: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
     """The displayed image z (N, 1, h, w) of x, the crop at (top, left) of the image whose
     low-resolution network output is `out`."""
-    ds = model.config.downsample
+    factor = model.config.downsample
     if produces_maps(model):
         if top == 0 and left == 0:  # the whole image, or its top-left crop: the inference path
-            return remap(x, *out.split(1, dim=1), downsample=ds).z
-        return remap(x, *crop_maps(out, top, left, tuple(x.shape[-2:]), ds).split(1, dim=1)).z
-    fields = crop_maps(out, top, left, tuple(x.shape[-2:]), ds) if model.spatial else out
+            return remap(x, *out.split(1, dim=1), downsample=factor).z
+        return remap(x, *crop_maps(out, top, left, tuple(x.shape[-2:]), factor).split(1, dim=1)).z
+    fields = crop_maps(out, top, left, tuple(x.shape[-2:]), factor) if model.spatial else out
     return model.apply_rule(x, fields)
 
 

@@ -247,7 +247,6 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
     x_low_np, maps_np = item.low()
     x_full, z_full = item.x, item.z
     H, W = x_full.shape
-    ds = downsample
     warp = draw_warp((H, W), rng, aug)
     ch, cw = min(crop, H), min(crop, W)
     top = (H - ch) // 2 if centre else int(rng.integers(0, H - ch + 1))
@@ -259,11 +258,11 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         z_crop = torch.from_numpy(np.asarray(z_full[top:top + ch, left:left + cw], dtype=np.float32))[None]
     else:
         h, w = x_low.shape[-2:]
-        centres_r = (np.arange(h) + 0.5) * ds - 0.5
-        centres_c = (np.arange(w) + 0.5) * ds - 0.5
+        centres_r = (np.arange(h) + 0.5) * downsample - 0.5
+        centres_c = (np.arange(w) + 0.5) * downsample - 0.5
         sc, sr = _grid(warp, centres_r, centres_c)
-        x_low = _sample(x_low, sc, sr, ds)
-        maps = _sample(maps, sc, sr, ds)
+        x_low = _sample(x_low, sc, sr, downsample)
+        maps = _sample(maps, sc, sr, downsample)
         sc, sr = _grid(warp, np.arange(top, top + ch, dtype=np.float64), np.arange(left, left + cw, dtype=np.float64))
         r0 = int(np.clip(np.floor(sr.min().item()) - 1, 0, H - 1))
         r1 = int(np.clip(np.ceil(sr.max().item()) + 2, r0 + 1, H))
@@ -305,7 +304,7 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
             return torch.from_numpy(alpha.astype(np.float32)), torch.tensor(np.float32(offset))
 
         h, w = x_low.shape[-2:]
-        al, be = alpha_beta((np.arange(h) + 0.5) * ds - 0.5, (np.arange(w) + 0.5) * ds - 0.5)
+        al, be = alpha_beta((np.arange(h) + 0.5) * downsample - 0.5, (np.arange(w) + 0.5) * downsample - 0.5)
         lo, hi = float((al * x_low).min() + be), float((al * x_low).max() + be)
         if lo >= 0.0 and hi <= 1.0:  # keep the input in the stored range; else skip the change
             a, b = maps[0], maps[1]
@@ -322,14 +321,14 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
     change = draw_input_change((H, W), rng, aug)
     if change:  # x changes, the anatomy does not: the target is the remap of the new x with the same maps
         h, w = x_low.shape[-2:]
-        rows, cols = np.meshgrid((np.arange(h) + 0.5) * ds - 0.5, (np.arange(w) + 0.5) * ds - 0.5, indexing="ij")
-        x_low = change.apply(x_low, rows, cols, rng, averaged=ds)[0]
+        rows, cols = np.meshgrid((np.arange(h) + 0.5) * downsample - 0.5, (np.arange(w) + 0.5) * downsample - 0.5, indexing="ij")
+        x_low = change.apply(x_low, rows, cols, rng, averaged=downsample)[0]
         rows, cols = np.meshgrid(np.arange(top, top + ch), np.arange(left, left + cw), indexing="ij")
         x_crop, weight = change.apply(x_crop, rows, cols, rng)
-        z_crop = remap(x_crop[None], *crop_maps(maps[None], top, left, (ch, cw), ds).split(1, dim=1)).z[0]
+        z_crop = remap(x_crop[None], *crop_maps(maps[None], top, left, (ch, cw), downsample).split(1, dim=1)).z[0]
         if points:
             pts_x, pts_weight = change.apply(pts_x, pts_rc[:, 0].numpy(), pts_rc[:, 1].numpy(), rng)
-            pts_z = remap(pts_x, *maps_at_points(maps[None], pts_rc, ds)[0].unbind(0)).z
+            pts_z = remap(pts_x, *maps_at_points(maps[None], pts_rc, downsample)[0].unbind(0)).z
     return Sample(x_low=x_low.contiguous(), maps=maps.contiguous(), x_crop=x_crop.contiguous(),
                   z_crop=z_crop.contiguous(), top=top, left=left, pts_rc=pts_rc, pts_x=pts_x, pts_z=pts_z,
                   weight=weight, pts_weight=pts_weight)
@@ -350,11 +349,10 @@ def crop_maps(maps_low: torch.Tensor, top: int, left: int, size: tuple[int, int]
     """Full-resolution maps (N, C, ch, cw) of a crop, equal to cropping `upsample_maps` of the
     whole low-res maps, but upsampling only the low-res block around the crop (+1 margin)."""
     ch, cw = size
-    ds = downsample
     h, w = maps_low.shape[-2:]
-    r0, c0 = max(top // ds - 1, 0), max(left // ds - 1, 0)
-    r1, c1 = min(-(-(top + ch) // ds) + 1, h), min(-(-(left + cw) // ds) + 1, w)
+    r0, c0 = max(top // downsample - 1, 0), max(left // downsample - 1, 0)
+    r1, c1 = min(-(-(top + ch) // downsample) + 1, h), min(-(-(left + cw) // downsample) + 1, w)
     block = maps_low[..., r0:r1, c0:c1]
     # the block's cut edges lie at least one low-res pixel from the crop, so the crop is exact
-    up = upsample_maps(block, ((r1 - r0) * ds, (c1 - c0) * ds), ds)
-    return up[..., top - r0 * ds: top - r0 * ds + ch, left - c0 * ds: left - c0 * ds + cw]
+    up = upsample_maps(block, ((r1 - r0) * downsample, (c1 - c0) * downsample), downsample)
+    return up[..., top - r0 * downsample: top - r0 * downsample + ch, left - c0 * downsample: left - c0 * downsample + cw]

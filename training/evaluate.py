@@ -37,9 +37,6 @@ from training.baselines import enhance, produces_maps
 from training.errors import ArchiveError
 from model.teacher import TeacherParams, teacher_on_input
 
-SSIM_MAX_SIDE = 0  # 0: SSIM at full resolution
-
-
 def percentile_window(x: np.ndarray, params: TeacherParams = TeacherParams()) -> np.ndarray:
     """Reference (A): identity regional LUT and a global window from x's own percentiles."""
     sample = x[:: max(1, x.shape[0] // 1024), :: max(1, x.shape[1] // 1024)]
@@ -88,15 +85,15 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
 
     references = REFERENCES if references is None else references
     predictor = Predictor(weights, device)
-    ds = predictor.checkpoint.config.downsample
+    factor = predictor.checkpoint.config.downsample
     model = predictor.checkpoint.model
     has_maps = produces_maps(model)
     if guard and has_maps:  # the same model behind the window guard ([model] max_burnt_out)
         guarded = Predictor(weights, device, max_burnt_out=guard)
         references = {"model + guard": lambda x: guarded(x).z.cpu().numpy(), **references}
     methods = ("model", *references)
-    arch = Archive(archive, ds, cache=cache)
-    items = [i for i in arch.items(split) if not only_groups or any(i.group.startswith(g) for g in only_groups)]
+    source = Archive(archive, factor, cache=cache)
+    items = [i for i in source.items(split) if not only_groups or any(i.group.startswith(g) for g in only_groups)]
     if not items:
         where = f" in groups {', '.join(only_groups)}" if only_groups else ""
         raise ArchiveError(f"archive {archive}: no rows with split {split!r}{where}")

@@ -82,7 +82,6 @@ class TrainConfig:
     resume: str = ""
     stop_after_epochs: int = 0  # stop (as if interrupted) once this many epochs are done; 0 = never
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
