@@ -44,7 +44,7 @@ from benchmarks.stamp import cpu_description, git_commit
 from benchmarks.report import METHODS, Row, mean_rows, render_seeds_table, render_table
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
-from training.baselines import baseline_config, clahe, enhance, parameter_count, produces_maps
+from training.baselines import BASELINES, baseline_config, clahe, enhance, parameter_count, produces_maps
 from training.evaluate import evaluate, fidelity, percentile_window, teacher_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def train_step(run: Run, spec: Learned) -> Path:
     cfg = train_config(run, spec)
     path = run.checkpoint(spec.key)
     try:
-        done = load_checkpoint(path).meta.get("train_config", {})
+        done = load_checkpoint(path, baselines=BASELINES).meta.get("train_config", {})
         if _comparable(done) == _comparable(asdict(cfg)):
             run.log(f"train {spec.key}: reusing {path}")
             return path
@@ -209,7 +209,7 @@ def time_model(weights: Path, x: np.ndarray, device: str, repeats: int) -> float
     """Seconds per image of the shipped inference path (Predictor for the maps, enhance otherwise)."""
     from model.predictor import Predictor
 
-    predictor = Predictor(weights, device)
+    predictor = Predictor(weights, device, baselines=BASELINES)
     model = predictor.checkpoint.model
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     if produces_maps(model):
@@ -232,7 +232,7 @@ def evaluate_step(run: Run, checkpoints: dict[str, Path]) -> tuple[list[Row], di
         t = time.time()
         result = evaluate(run.archive, path, split="test", device=run.device, cache=str(run.cache), references=refs)
         run.log(f"evaluate {key}{' + classical references' if refs else ''}: {time.time() - t:.0f}s")
-        model = load_checkpoint(path).model
+        model = load_checkpoint(path, baselines=BASELINES).model
         for s in result.summary:
             name = key if s["method"] == "model" else s["method"]
             raw[name] = s
@@ -261,7 +261,7 @@ def figures_step(run: Run, checkpoints: dict[str, Path], rows: list[Row]) -> Non
         groups.setdefault(item.group, []).append(item)
     prefer = sorted(groups, key=lambda g: (not g.startswith(("hand", "limb")), not g.startswith("real"), g))
     masks = {a.name: a.mask for a in anatomies(run.mode.anatomies, run.seed, run.mode.max_size, real=False)}
-    models = {key: load_checkpoint(path).model for key, path in checkpoints.items()}
+    models = {key: load_checkpoint(path, baselines=BASELINES).model for key, path in checkpoints.items()}
 
     def output(key: str, x: np.ndarray) -> np.ndarray:
         if key in CLASSICAL:

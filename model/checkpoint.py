@@ -10,12 +10,13 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from model.net import ModelConfig, build_model
+from model.net import ModelBuilder, ModelConfig, build_model
 
 FORMAT = "dicom-node-checkpoint"
 FORMAT_VERSION = 1
@@ -70,8 +71,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
     return identity
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint; every failure is a CheckpointError naming the file."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    baselines: Mapping[str, ModelBuilder] | None = None) -> Checkpoint:
+    """Load and verify a checkpoint; every failure is a CheckpointError naming the file.
+    baselines: builders of the architectures other than ours (model.net.build_model)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model weights {path}: no such file")
@@ -87,7 +90,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         )
     try:
         config = ModelConfig(**payload["config"])
-        model = build_model(config)
+        model = build_model(config, baselines)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"model weights {path}: does not match its architecture ({exc})") from None

@@ -21,6 +21,7 @@ The outputs still are plain maps a >= 0, b, wc in [0, 1], ww >= min_ww: the form
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -321,16 +322,17 @@ def mirror_averaged(model: nn.Module, low: torch.Tensor) -> torch.Tensor:
     return (out + mirrored) / 2
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The model a config describes (baseline architectures register in training.baselines)."""
+ModelBuilder = Callable[[ModelConfig], nn.Module]
+
+
+def build_model(config: ModelConfig, baselines: Mapping[str, ModelBuilder] | None = None) -> nn.Module:
+    """The model a config describes. Other architectures ("baseline:<name>") are built by the
+    builder `baselines` names for them (training.baselines.BASELINES): this package never
+    imports training/, so whoever loads a baseline says how to build it."""
     if config.arch == "interpretable":
         return InterpretableResUNet(config)
-    builder = BASELINE_BUILDERS.get(config.arch)
+    baselines = baselines or {}
+    builder = baselines.get(config.arch)
     if builder is None:
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {ARCHITECTURES + tuple(BASELINE_BUILDERS)}")
+        raise ValueError(f"unknown architecture {config.arch!r}; known: {ARCHITECTURES + tuple(baselines)}")
     return builder(config)
-
-
-# Baseline architectures add themselves here (name -> builder) so a checkpoint of any of
-# them rebuilds through build_model without this package importing training/.
-BASELINE_BUILDERS: dict = {}

@@ -5,6 +5,7 @@ shared `remap` so inference computes exactly what training optimised.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.net import MAP_NAMES, mirror_averaged
+from model.net import MAP_NAMES, ModelBuilder, mirror_averaged
 from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, window_guard
 
 
@@ -77,18 +78,20 @@ class Predictor:
     image, as little as that takes (model.remap.window_guard). It is a seat belt for anatomy the
     model never saw, recorded in the Prediction; the model itself is meant not to need it."""
 
-    def __init__(self, weights: str | Path, device: str = "auto", max_burnt_out: float = 0.0):
+    def __init__(self, weights: str | Path, device: str = "auto", max_burnt_out: float = 0.0,
+                 baselines: Mapping[str, ModelBuilder] | None = None):
         if not 0 <= max_burnt_out < 1:
             raise ValueError(f"max_burnt_out must be within [0, 1), got {max_burnt_out!r}")
         self.weights = Path(weights)
         self.device = resolve_device(device)
         self.max_burnt_out = max_burnt_out
+        self.baselines = baselines  # builders of other architectures (model.net.build_model)
         self._checkpoint: Checkpoint | None = None
 
     @property
     def checkpoint(self) -> Checkpoint:
         if self._checkpoint is None:
-            self._checkpoint = load_checkpoint(self.weights, self.device)
+            self._checkpoint = load_checkpoint(self.weights, self.device, self.baselines)
         return self._checkpoint
 
     @property

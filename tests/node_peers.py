@@ -114,7 +114,7 @@ class NodeProcess:
 
     def cli(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-c", "from dicom_node.cli import main; main()", *args,
+            [sys.executable, "-c", "from cli import main; main()", *args,
              "--config", str(self.config)],
             cwd=REPO, capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -122,7 +122,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self._log_file = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from dicom_node.cli import main; main()", "serve",
+            [sys.executable, "-c", "from cli import main; main()", "serve",
              "--config", str(self.config)],
             cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model, mirror_averaged
 from model.remap import remap
 from model.remap import downsample_image
@@ -31,7 +31,7 @@ def phantom_x(rows=203, cols=157, seed=0) -> torch.Tensor:
 @pytest.mark.parametrize("rows,cols", [(203, 157), (96, 300)])
 def test_every_baseline_maps_the_full_resolution_image_to_a_display_image_of_its_size(name, rows, cols):
     torch.manual_seed(0)
-    model = build_model(baseline_config(name, width=8)).eval()
+    model = build_model(baseline_config(name, width=8), BASELINES).eval()
     x = phantom_x(rows, cols)
     with torch.no_grad():
         out = enhance(model, torch.cat([x, x.flip(-1)]))
@@ -57,7 +57,7 @@ def test_the_proposed_model_goes_through_the_same_interface_with_its_maps():
 
 def test_dlbc_is_the_shared_sigmoid_window_of_x_with_one_window_per_image():
     torch.manual_seed(0)
-    model = build_model(baseline_config("dlbc", width=8)).eval()
+    model = build_model(baseline_config("dlbc", width=8), BASELINES).eval()
     x = torch.cat([phantom_x(seed=1), 0.5 * phantom_x(seed=2)])
     with torch.no_grad():
         z = enhance(model, x).z
@@ -80,7 +80,7 @@ def test_apply_lut_interpolates_linearly_between_the_lut_points():
 
 def test_adaptive_lut_starts_near_the_identity_and_is_applied_at_full_resolution():
     torch.manual_seed(0)
-    model = build_model(baseline_config("lut", width=8)).eval()
+    model = build_model(baseline_config("lut", width=8), BASELINES).eval()
     assert model.bases.shape == (8, 33)
     x = phantom_x()
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_adaptive_lut_starts_near_the_identity_and_is_applied_at_full_resolution
 
 
 def test_sup_dce_applies_eight_zero_dce_curves_with_the_predicted_r():
-    model = build_model(baseline_config("sup-dce", width=8)).eval()
+    model = build_model(baseline_config("sup-dce", width=8), BASELINES).eval()
     r = 0.6
     with torch.no_grad():  # a head that ignores the image: r = tanh(bias) everywhere
         model.c7.weight.zero_()
@@ -109,7 +109,7 @@ def test_sup_dce_applies_eight_zero_dce_curves_with_the_predicted_r():
 
 def test_image_resunet_predicts_at_one_eighth_and_upsamples_to_full_size():
     torch.manual_seed(0)
-    model = build_model(baseline_config("resunet-image", width=8)).eval()
+    model = build_model(baseline_config("resunet-image", width=8), BASELINES).eval()
     x = phantom_x(200, 160)
     with torch.no_grad():
         low = mirror_averaged(model, torch.nn.functional.avg_pool2d(x, 8))
@@ -121,13 +121,21 @@ def test_image_resunet_predicts_at_one_eighth_and_upsamples_to_full_size():
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_every_baseline_checkpoint_rebuilds_itself(name, tmp_path):
     torch.manual_seed(3)
-    model = build_model(baseline_config(name, width=8))
+    model = build_model(baseline_config(name, width=8), BASELINES)
     identity = save_checkpoint(tmp_path / "b.pt", model)
-    loaded = load_checkpoint(tmp_path / "b.pt")
+    loaded = load_checkpoint(tmp_path / "b.pt", baselines=BASELINES)
     assert loaded.identity == identity and loaded.config == model.config
     x = phantom_x()
     with torch.no_grad():
         torch.testing.assert_close(enhance(model.eval(), x).z, enhance(loaded.model, x).z)
+
+
+def test_a_baseline_checkpoint_loads_only_when_told_how_to_build_it(tmp_path):
+    """model/ never imports training/: the builders are passed in, not found in a registry."""
+    save_checkpoint(tmp_path / "b.pt", build_model(baseline_config("dlbc", width=8), BASELINES))
+    with pytest.raises(CheckpointError, match="unknown architecture 'baseline:dlbc'"):
+        load_checkpoint(tmp_path / "b.pt")
+    assert load_checkpoint(tmp_path / "b.pt", baselines=BASELINES).config.arch == "baseline:dlbc"
 
 
 def test_unknown_baseline_names_are_rejected_with_the_known_ones_listed():
@@ -151,7 +159,7 @@ def test_rendering_a_crop_equals_cropping_the_rendered_image(name):
     renders the whole image. Both must be the same function."""
     torch.manual_seed(0)
     config = ModelConfig(downsample=8, width=8) if name == "proposed" else baseline_config(name, width=8)
-    model = build_model(config).eval()
+    model = build_model(config, BASELINES).eval()
     x = phantom_x(203, 157)
     with torch.no_grad():
         out = model(downsample_image(x, 8))
@@ -164,7 +172,7 @@ def test_rendering_a_crop_equals_cropping_the_rendered_image(name):
 def test_global_baselines_accept_images_smaller_than_their_receptive_field():
     x = phantom_x(40, 24)
     for name in ("dlbc", "lut"):
-        model = build_model(baseline_config(name, width=8)).eval()
+        model = build_model(baseline_config(name, width=8), BASELINES).eval()
         with torch.no_grad():
             assert enhance(model, x).z.shape == x.shape
 
@@ -174,7 +182,7 @@ def test_rendering_scattered_pixels_equals_the_rendered_image_there(name):
     """The loss's whole-image term samples scattered pixels; they must be the inference output."""
     torch.manual_seed(0)
     config = ModelConfig(downsample=8, width=8) if name == "proposed" else baseline_config(name, width=8)
-    model = build_model(config).eval()
+    model = build_model(config, BASELINES).eval()
     x = torch.cat([phantom_x(203, 157, seed=1), phantom_x(203, 157, seed=2)])
     rng = np.random.default_rng(0)
     rows, cols = rng.integers(0, 203, 50), rng.integers(0, 157, 50)

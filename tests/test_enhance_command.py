@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from dicom_node.cli import main
+from cli import main
 from tests.helpers import phantom_dataset, testdata
 
 

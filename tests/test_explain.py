@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dicom_node.cli import main
+from cli import main
 from dicom_node.reader import load_dataset, read_radiograph
 from model.anatomy import find_anatomy_mask
 from model.net import MAP_NAMES

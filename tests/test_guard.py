@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dicom_node.cli import main
+from cli import main
 from dicom_node.enhancer import Enhancer
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import PRIVATE_CREATOR, PRIVATE_GROUP

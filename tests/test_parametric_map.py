@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from scipy.ndimage import map_coordinates
 
-from dicom_node.cli import main
+from cli import main
 from dicom_node.enhancer import Enhancer
 from dicom_node.parametric_map import (
     MAP_NAMES,

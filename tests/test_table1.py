@@ -41,11 +41,11 @@ def test_each_baseline_trains_with_the_shared_loop_lowers_its_loss_and_loads_thr
     torch.manual_seed(cfg.seed)  # the loop's initial model: same seed, same config
     from model.net import build_model
 
-    start = build_model(config)
+    start = build_model(config, BASELINES)
     items = Archive(archive, config.downsample, cache=cfg.cache).items("train")  # what it optimises (2 anatomies)
     before = validate(start, items, cfg, torch.device("cpu"), 0, 1)
     train(cfg)
-    trained = load_checkpoint(out)
+    trained = load_checkpoint(out, baselines=BASELINES)
     assert trained.config.arch == config.arch and trained.config.extra == config.extra
     after = validate(trained.model, items, cfg, torch.device("cpu"), 0, 1)
     assert after["loss"] < before["loss"]

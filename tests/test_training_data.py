@@ -183,7 +183,7 @@ def test_row_without_target_or_params_is_named(tiny_archive, tmp_path):
 def test_archive_errors_are_one_line_in_the_cli(tiny_archive, tmp_path):
     from click.testing import CliRunner
 
-    from dicom_node.cli import main
+    from cli import main
 
     rows = _copy_archive(tiny_archive, tmp_path / "a")
     rows[0]["split"] = "nope"

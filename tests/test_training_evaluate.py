@@ -69,7 +69,7 @@ def test_bundled_model_meets_its_floor_on_a_fresh_test_split(fresh_test_split, t
 def test_synth_train_evaluate_through_the_cli(tmp_path):
     from click.testing import CliRunner
 
-    from dicom_node.cli import main
+    from cli import main
 
     runner = CliRunner()
     arch, weights = tmp_path / "arch", tmp_path / "w.pt"

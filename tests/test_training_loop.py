@@ -88,7 +88,7 @@ def test_two_process_torchrun_matches_one_process(archive, tmp_path):
                        levels=5, lr=1e-4))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.loop",
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cli", "train",
                            *args, "--out", str(tmp_path / "two.pt")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

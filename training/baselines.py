@@ -14,8 +14,8 @@ as the proposed maps are. `render` does this for the whole image or a crop of it
 runs network and rule and returns Enhancement(z, maps), maps None for models without them.
 A baseline is an `nn.Module` with a `.config`
 (`ModelConfig(arch="baseline:<name>", ...)`, settings specific to it in `config.extra`),
-registered in `model.net.BASELINE_BUILDERS` on import of this module, so its checkpoint rebuilds
-through `model.checkpoint.load_checkpoint` like any other.
+built by `BASELINES` (name -> builder): pass it to `model.net.build_model` and
+`model.checkpoint.load_checkpoint`, and a baseline checkpoint rebuilds like any other.
 
 Learned baselines (paper, section 3):
   baseline:resunet-image  the same ResUNet backbone at downsample 8 predicting the enhanced image
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.net import BASELINE_BUILDERS, InterpretableResUNet, ModelConfig, conv_norm_act, mirror_averaged, robust_stats
+from model.net import InterpretableResUNet, ModelConfig, conv_norm_act, mirror_averaged, robust_stats
 from model.remap import downsample_image, remap, sigmoid_window
 from training.dataset import crop_maps
 
@@ -257,7 +257,6 @@ BASELINES = {
     "baseline:lut": AdaptiveLUT,
     "baseline:sup-dce": SupDCE,
 }
-BASELINE_BUILDERS.update(BASELINES)
 
 
 def baseline_config(name: str, **overrides) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""CLI commands of the training side: synth, train, evaluate (registered in dicom_node.cli).
+"""CLI commands of the training side: synth, train, evaluate (registered in cli).
 
 Heavy modules (torch, the training code) are imported inside the command bodies.
 """

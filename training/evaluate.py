@@ -33,7 +33,7 @@ import torch
 
 from model.remap import downsample_image, remap
 from training.archive import Archive
-from training.baselines import enhance, produces_maps
+from training.baselines import BASELINES, enhance, produces_maps
 from training.errors import ArchiveError
 from model.teacher import TeacherParams, teacher_on_input
 
@@ -84,7 +84,7 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
     from model.predictor import Predictor
 
     references = REFERENCES if references is None else references
-    predictor = Predictor(weights, device)
+    predictor = Predictor(weights, device, baselines=BASELINES)
     factor = predictor.checkpoint.config.downsample
     model = predictor.checkpoint.model
     has_maps = produces_maps(model)

@@ -1,7 +1,7 @@
 """Training loop: read it top to bottom (nanoGPT's train.py is the model for its shape).
 
     dicom-node train --archive A --out W            # one process
-    torchrun --nproc_per_node 2 -m training.loop --archive A --out W   # DDP, same result
+    torchrun --nproc_per_node 2 -m cli train --archive A --out W   # DDP, same result
 
 Loss (paper, Eqn 1): MSE(z_pred, z_gt) on full-resolution crops, z_pred = remap(crop of x, maps
 upsampled from the prediction) through model.remap, plus MSE of each of a, b, wc, ww at the
@@ -41,7 +41,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model
 from model.remap import remap
 from training.archive import Archive
-from training.baselines import produces_maps, render, render_points
+from training.baselines import BASELINES, produces_maps, render, render_points
 from training.dataset import NO_AUGMENT, REAL_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
 from training.errors import ArchiveError
 
@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
                         parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius,
                         lowpass_sigma=cfg.lowpass_sigma, work_size=cfg.work_size,
                         extra=dict(cfg.model_extra))
-    model = build_model(mconf).to(device)
+    model = build_model(mconf, BASELINES).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
     steps_per_epoch = math.ceil(len(epoch_order(train_items, cfg, 0)) / cfg.batch)
@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "history": []}
     if cfg.resume:
         resume = Path(cfg.resume)
-        ckpt = load_checkpoint(resume.with_name(resume.name + ".last"), "cpu")
+        ckpt = load_checkpoint(resume.with_name(resume.name + ".last"), "cpu", BASELINES)
         model.load_state_dict(ckpt.model.state_dict())
         saved = torch.load(resume.with_name(resume.name + ".train-state"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
@@ -360,14 +360,3 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     if world > 1:
         torch.distributed.barrier()
     return state
-
-
-def main(argv=None):
-    """`python -m training.loop` (for torchrun): the same options as `dicom-node train`."""
-    from training.commands import train_command
-
-    train_command.main(args=argv, prog_name="training.loop", standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()

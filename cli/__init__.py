@@ -1,4 +1,5 @@
-"""The `dicom-node` command line.
+"""The `dicom-node` command line: the one place that imports both the node (dicom_node) and
+the training side (training), so neither package imports the other's commands.
 
 Each subcommand imports what it needs inside its body, so `dicom-node status` never pays
 for importing torch. Errors of our own hierarchies become one line and exit status 2.
@@ -16,10 +17,11 @@ class _OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context):
         from dicom_node.errors import NodeError
         from model.checkpoint import CheckpointError
+        from training.errors import TrainingError
 
         try:
             return super().invoke(ctx)
-        except (NodeError, CheckpointError, FileNotFoundError, PermissionError) as exc:
+        except (NodeError, TrainingError, CheckpointError, FileNotFoundError, PermissionError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
