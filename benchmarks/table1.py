@@ -45,10 +45,10 @@ from benchmarks.report import METHODS, Row, mean_rows, render_seeds_table, rende
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.net import ModelConfig
 from training.baselines import BASELINES, baseline_config, clahe, enhance, parameter_count, produces_maps
-from training.evaluate import evaluate, fidelity, percentile_window, teacher_reference
+from training.evaluate import evaluate, fidelity, percentile_window_reference, teacher_reference
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSICAL = {"percentile-window": percentile_window, "teacher-on-input": teacher_reference, "clahe": clahe}
+CLASSICAL = {"percentile-window": percentile_window_reference, "teacher-on-input": teacher_reference, "clahe": clahe}
 CONSISTENCY_LEGEND = ("for each test anatomy with several perturbed acquisitions, the mean over pixels of the "
                       "standard deviation of the output across acquisitions divided by the same of the raw inputs, "
                       "averaged over anatomies (lower is more consistent; 1 = as inconsistent as the raw "
@@ -283,7 +283,7 @@ def figures_step(run: Run, checkpoints: dict[str, Path], rows: list[Row]) -> Non
     acquisitions = [it for g in multi for it in groups[g][:3]]
     by_key = {r.key: r for r in rows}
     ours = "proposed-ds8" if "proposed-ds8" in models else next(k for k in models if k.startswith("proposed"))
-    presentations = {"raw": lambda x: x, "auto-window": percentile_window, "ours (ds 8)": lambda x: output(ours, x)}
+    presentations = {"raw": lambda x: x, "auto-window": percentile_window_reference, "ours (ds 8)": lambda x: output(ours, x)}
     fig_rows = {name: [fn(np.asarray(it.x, dtype=np.float32)) for it in acquisitions] for name, fn in presentations.items()}
     fig_rows["target"] = [np.asarray(it.z, dtype=np.float32) for it in acquisitions]
     notes = {"auto-window": by_key["percentile-window"] if "percentile-window" in by_key else None,

@@ -275,7 +275,7 @@ class InterpretableResUNet(nn.Module):
         where each tanh is blurred by the teacher's Gaussian (sigma 6 % of the image), L = G*(x m)
         / G*(m) with m the body mask, and wc_p, ww_p the teacher's window: the 1st/99th
         percentiles of the corrected y over the body's interior."""
-        from model.teacher import TeacherParams, masked_lowpass, percentile_window
+        from model.teacher import TeacherParams, anatomy_window, masked_lowpass
 
         teacher = TeacherParams()
         # The corrections are as smooth as the teacher's low-pass: what they are for (a smooth
@@ -297,7 +297,7 @@ class InterpretableResUNet(nn.Module):
         y = torch.clamp(a * x[:, 0] + b, 0.0, 1.0)
         # the teacher judges its window at 1/window_downsample of the full image; this is 1/downsample
         factor = max(1, teacher.window_downsample // self.config.downsample)
-        windows = [torch.stack(percentile_window(y[i], inside[i], teacher, factor)) for i in range(x.shape[0])]
+        windows = [torch.stack(anatomy_window(y[i], inside[i], teacher, factor)) for i in range(x.shape[0])]
         wc_p, ww_p = torch.stack(windows)[:, :, None, None].unbind(dim=1)
         wc = torch.clamp(wc_p + bounds["wc"] * ww_p * centre, 0.0, 1.0)
         ww = torch.clamp(ww_p * torch.exp(bounds["ww"] * width), min=self.config.min_ww)

@@ -67,6 +67,37 @@ def sigmoid_window(y: torch.Tensor, wc: MapLike, ww: MapLike) -> torch.Tensor:
     return torch.sigmoid(4.0 * (y - wc) / ww)
 
 
+def inverse_sigmoid_window(z: torch.Tensor, wc: MapLike, ww: MapLike, eps: float = 1e-4) -> torch.Tensor:
+    """The y that `sigmoid_window` maps to z: y = wc + ww/4 logit(z), z clamped to [eps, 1 - eps]
+    first (z = 0 or 1 has no finite y)."""
+    return wc + ww / 4.0 * torch.logit(z, eps=eps)
+
+
+def percentile_window(values: torch.Tensor, p_lo: float = 1.0, p_hi: float = 99.0, squeeze: float = 1.2,
+                      min_ww: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """A global window from robust percentiles of the values: wc = (P_lo + P_hi) / 2 within
+    [0, 1], ww = (P_hi - P_lo) / squeeze within [min_ww, 1]; with the default squeeze 1.2 the
+    percentile ends land at z = 0.91 / 0.09. The teacher, the prior and the evaluation's
+    reference (A) all choose their window with it."""
+    values = values.flatten()
+    lo, hi = torch.quantile(values, torch.tensor([p_lo / 100, p_hi / 100], device=values.device, dtype=values.dtype))
+    return ((lo + hi) / 2).clamp(0.0, 1.0), ((hi - lo) / squeeze).clamp(min_ww, 1.0)
+
+
+def sample_bilinear(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, downsample: int = 1) -> torch.Tensor:
+    """Bilinear samples of images img (N, C, h, w) at full-resolution pixel coordinates rows, cols
+    (any one shape S), border clamped: (N, C, *S). img is at 1/downsample of the full resolution,
+    laid out as `downsample_image` makes it, so at whole pixels the values are those
+    `upsample_maps(img, size, downsample)` gives (torch's grid_sample does the sampling)."""
+    h, w = img.shape[-2:]
+    gx = (cols + 0.5) / downsample / w * 2 - 1
+    gy = (rows + 0.5) / downsample / h * 2 - 1
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1).to(img.device, img.dtype)
+    grid = grid[None, None].expand(img.shape[0], -1, -1, -1)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(*img.shape[:2], *rows.shape)
+
+
 def remap(
     x: torch.Tensor,
     a: MapLike,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from model.anatomy import find_anatomy_mask
-from model.remap import downsample_image, regional_lut, remap, upsample_maps
+from model.remap import downsample_image, percentile_window, regional_lut, remap, upsample_maps
 
 
 LOWPASS_EPS = 1e-3  # where the anatomy weight vanishes, L leans to the anatomy's mean
@@ -101,8 +101,8 @@ def masked_lowpass(x: torch.Tensor, weight: torch.Tensor, sigma_frac: float, wor
     return upsample_maps(low, (h, w), factor)
 
 
-def percentile_window(y: torch.Tensor, inside: torch.Tensor, params: TeacherParams, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's window for one image: wc = (P_lo + P_hi) / 2, ww = (P_hi - P_lo) / ww_squeeze,
+def anatomy_window(y: torch.Tensor, inside: torch.Tensor, params: TeacherParams, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's window for one image (model.remap.percentile_window with its parameters):
     percentiles of y (h, w) over the interior (one pixel in from the rim) of where inside (h, w)
     holds, both area-downsampled by `factor` first (a window is judged at the scale of anatomy, so
     pixel noise must not widen it)."""
@@ -118,9 +118,7 @@ def percentile_window(y: torch.Tensor, inside: torch.Tensor, params: TeacherPara
         values = y.flatten()
     if values.numel() > 400_000:
         values = values[:: values.numel() // 400_000 + 1]
-    probs = torch.tensor([params.p_lo / 100, params.p_hi / 100], device=y.device, dtype=y.dtype)
-    lo, hi = torch.quantile(values, probs)
-    return ((lo + hi) / 2).clamp(0.0, 1.0), ((hi - lo) / params.ww_squeeze).clamp(params.min_ww, 1.0)
+    return percentile_window(values, params.p_lo, params.p_hi, params.ww_squeeze, params.min_ww)
 
 
 def teacher(x: np.ndarray, mask: np.ndarray, params: TeacherParams = TeacherParams()) -> TeacherMaps:
@@ -140,7 +138,7 @@ def teacher(x: np.ndarray, mask: np.ndarray, params: TeacherParams = TeacherPara
     a = torch.full_like(xt, g)
     b = (1.0 - g) * L - k * (L - mean_L)
     y = regional_lut(xt, a, b)  # the one formula
-    wc, ww = percentile_window(y, mt, params, params.window_downsample)
+    wc, ww = anatomy_window(y, mt, params, params.window_downsample)
     return TeacherMaps(a=a.numpy(), b=b.numpy(), wc=float(wc), ww=float(ww))
 
 

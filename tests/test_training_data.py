@@ -9,7 +9,7 @@ from scipy import ndimage
 import pytest
 import torch
 
-from model.remap import remap
+from model.remap import remap, sample_bilinear
 from training.archive import FIT_RADIUS, Archive, fit_maps
 from training.errors import ArchiveError
 from training.perturb import random_perturbation
@@ -250,7 +250,7 @@ def test_synth_of_one_split_reproduces_those_rows_of_the_full_archive(tmp_path):
 @pytest.mark.parametrize("kind", ["none", "mirror", "affine", "intensity", "elastic", "noise", "fewer bits",
                                   "collimation", "marker", "real"])
 def test_augmented_samples_keep_remap_of_maps_equal_to_target(tiny_archive, tmp_path, kind):
-    from training.dataset import REAL_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
+    from training.dataset import REAL_AUGMENT, AugmentConfig, crop_maps, make_sample
 
     off = dict(mirror=0, affine=0, intensity=0)
     aug = {
@@ -272,7 +272,7 @@ def test_augmented_samples_keep_remap_of_maps_equal_to_target(tiny_archive, tmp_
         s = make_sample(item, np.random.default_rng(seed), 96, 4, aug, points=2048)
         maps = crop_maps(s.maps[None], s.top, s.left, tuple(s.x_crop.shape[-2:]), 4)
         z = remap(s.x_crop[None], *maps.split(1, dim=1)).z[0]
-        at = maps_at_points(s.maps[None], s.pts_rc, 4)[0]
+        at = sample_bilinear(s.maps[None], s.pts_rc[:, 0], s.pts_rc[:, 1], 4)[0]
         zp = remap(s.pts_x, *at.unbind(0)).z.reshape(-1)
         weight = torch.ones_like(z) if s.weight is None else s.weight
         pts_weight = torch.ones_like(zp) if s.pts_weight is None else s.pts_weight

@@ -100,3 +100,28 @@ def test_two_process_torchrun_matches_one_process(archive, tmp_path):
     steps = two.meta["step"]
     assert worst < 2 * 1e-4 * steps, worst
     assert two.meta["val"]["loss"] == pytest.approx(one.meta["val"]["loss"], rel=1e-3)
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    from training.loop import lr_schedule
+
+    cfg = TrainConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.02)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = lr_schedule(optimizer, 100, cfg)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert rates[5] == pytest.approx(1e-3) and rates[-1] == pytest.approx(2e-5, rel=0.05)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:]))  # never rises after the warm-up
+    assert rates[52] == pytest.approx(1e-3 * (0.02 + 0.98 * 0.5), rel=0.02)  # half way: the mean
+    # a resumed run picks the schedule up at its step
+    again = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    lr_schedule(again, 100, cfg, done_steps=37)
+    assert again.param_groups[0]["lr"] == pytest.approx(rates[37])
+    # with a time limit, the decay follows the clock when it is further along than the steps
+    timed = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    lr_schedule(timed, 100, cfg, done_steps=10, time_fraction=lambda: 1.0)
+    assert timed.param_groups[0]["lr"] == pytest.approx(2e-5)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from model.remap import downsample_image, remap
+from model.remap import downsample_image, inverse_sigmoid_window, remap
 from training.errors import ArchiveError
 
 REQUIRED_COLUMNS = ("id", "raw", "target", "params", "split")
@@ -241,11 +241,10 @@ def fit_maps(x: np.ndarray, y: np.ndarray, radius: int = FIT_RADIUS, eps: float 
 def window_from_presentation(z: np.ndarray) -> tuple[float, float]:
     """A window under which y = wc + ww/4 logit(z) spans [0.05, 0.95] over z's 0.5–99.5 %."""
     zl, zh = np.percentile(z[:: max(1, z.size // 400_000)], [0.5, 99.5])
-    zl, zh = np.clip([zl, zh], 1e-3, 1 - 1e-3)
-    logit = lambda v: float(np.log(v / (1 - v)))  # noqa: E731
-    span = max(logit(zh) - logit(zl), 1e-3)
+    zl, zh = (torch.tensor(v, dtype=torch.float64) for v in np.clip([zl, zh], 1e-3, 1 - 1e-3))
+    span = max(float(inverse_sigmoid_window(zh, 0.0, 4.0) - inverse_sigmoid_window(zl, 0.0, 4.0)), 1e-3)
     ww = float(np.clip(3.6 / span, 0.02, 1.0))
-    wc = float(np.clip(0.05 - ww / 4 * logit(zl), 0.0, 1.0))
+    wc = float(np.clip(0.05 - inverse_sigmoid_window(zl, 0.0, ww), 0.0, 1.0))  # y(zl) = 0.05
     return wc, ww
 
 
@@ -338,8 +337,7 @@ class Archive:
             z = remap(torch.from_numpy(x * 0 + y), 1.0, 0.0, wc, ww).z.numpy()
         else:
             wc, ww = window_from_presentation(t)
-            zc = np.clip(t, 1e-4, 1 - 1e-4)
-            y = np.clip(wc + ww / 4 * np.log(zc / (1 - zc)), 0.0, 1.0).astype(np.float32)
+            y = inverse_sigmoid_window(torch.from_numpy(t), wc, ww).clamp(0.0, 1.0).numpy()
             z = t
         a, b = fit_maps(x, y)
         maps = torch.stack([torch.from_numpy(a), torch.from_numpy(b), torch.full(shape, wc), torch.full(shape, ww)])

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.net import InterpretableResUNet, ModelConfig, conv_norm_act, mirror_averaged, robust_stats
-from model.remap import downsample_image, remap, sigmoid_window
+from model.remap import downsample_image, remap, sample_bilinear, sigmoid_window
 from training.dataset import crop_maps
 
 
@@ -70,12 +70,10 @@ def render(model: nn.Module, x: torch.Tensor, out: torch.Tensor, top: int = 0, l
 
 def render_points(model: nn.Module, x: torch.Tensor, out: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
     """z (N, P) at P full-resolution pixels (rows/cols rc (P, 2)) whose input values are x (N, P)."""
-    from training.dataset import maps_at_points
-
     if produces_maps(model):
-        return remap(x, *maps_at_points(out, rc, model.config.downsample).unbind(1)).z
+        return remap(x, *sample_bilinear(out, rc[:, 0], rc[:, 1], model.config.downsample).unbind(1)).z
     x4 = x[:, None, None, :]  # (N, 1, 1, P): a one-row image
-    fields = maps_at_points(out, rc, model.config.downsample)[:, :, None, :] if model.spatial else out
+    fields = sample_bilinear(out, rc[:, 0], rc[:, 1], model.config.downsample)[:, :, None, :] if model.spatial else out
     return model.apply_rule(x4, fields)[:, 0, 0]
 
 

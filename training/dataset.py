@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from model.remap import remap, upsample_maps
+from model.remap import remap, sample_bilinear, upsample_maps
 from training.archive import Item
 
 
@@ -211,19 +210,10 @@ def draw_input_change(shape, rng: np.random.Generator, aug: AugmentConfig) -> In
     return change
 
 
-def _sample(img: torch.Tensor, src_cols: torch.Tensor, src_rows: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bilinear samples of img (C, h, w), a /factor image, at full-resolution source coordinates."""
-    h, w = img.shape[-2:]
-    gx = (src_cols + 0.5) / factor / w * 2 - 1
-    gy = (src_rows + 0.5) / factor / h * 2 - 1
-    grid = torch.stack([gx, gy], dim=-1)[None].float()
-    return F.grid_sample(img[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-
-
 def _bilinear_at(img: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """img (H, W), e.g. a memory map, sampled bilinearly at (rows, cols), border clamped: the
-    values `_sample(img, cols, rows, 1)` gives, reading only the four neighbours of each point
-    (not converting the whole image)."""
+    """img (H, W), a float16 memory map, sampled bilinearly at (rows, cols), border clamped: the
+    values `sample_bilinear(img, rows, cols)` gives, reading only the four neighbours of each
+    point. grid_sample and scipy's map_coordinates (no float16) would convert the whole image."""
     h, w = img.shape
     flat = np.asarray(img).reshape(-1)
     r = np.clip(rows, 0, h - 1)
@@ -261,8 +251,8 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         centres_r = (np.arange(h) + 0.5) * downsample - 0.5
         centres_c = (np.arange(w) + 0.5) * downsample - 0.5
         sc, sr = _grid(warp, centres_r, centres_c)
-        x_low = _sample(x_low, sc, sr, downsample)
-        maps = _sample(maps, sc, sr, downsample)
+        x_low = sample_bilinear(x_low[None], sr, sc, downsample)[0]
+        maps = sample_bilinear(maps[None], sr, sc, downsample)[0]
         sc, sr = _grid(warp, np.arange(top, top + ch, dtype=np.float64), np.arange(left, left + cw, dtype=np.float64))
         r0 = int(np.clip(np.floor(sr.min().item()) - 1, 0, H - 1))
         r1 = int(np.clip(np.ceil(sr.max().item()) + 2, r0 + 1, H))
@@ -270,7 +260,7 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         c1 = int(np.clip(np.ceil(sc.max().item()) + 2, c0 + 1, W))
         box = torch.from_numpy(np.stack([np.asarray(x_full[r0:r1, c0:c1], dtype=np.float32),
                                          np.asarray(z_full[r0:r1, c0:c1], dtype=np.float32)]))
-        both = _sample(box, sc - c0, sr - r0, 1)
+        both = sample_bilinear(box[None], sr - r0, sc - c0)[0]
         x_crop, z_crop = both[:1], both[1:]
 
     pts_rc = pts_x = pts_z = None
@@ -328,21 +318,11 @@ def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int
         z_crop = remap(x_crop[None], *crop_maps(maps[None], top, left, (ch, cw), downsample).split(1, dim=1)).z[0]
         if points:
             pts_x, pts_weight = change.apply(pts_x, pts_rc[:, 0].numpy(), pts_rc[:, 1].numpy(), rng)
-            pts_z = remap(pts_x, *maps_at_points(maps[None], pts_rc, downsample)[0].unbind(0)).z
+            pts_z = remap(pts_x, *sample_bilinear(maps[None], pts_rc[:, 0], pts_rc[:, 1], downsample)[0].unbind(0)).z
     return Sample(x_low=x_low.contiguous(), maps=maps.contiguous(), x_crop=x_crop.contiguous(),
                   z_crop=z_crop.contiguous(), top=top, left=left, pts_rc=pts_rc, pts_x=pts_x, pts_z=pts_z,
                   weight=weight, pts_weight=pts_weight)
 
-
-def maps_at_points(maps_low: torch.Tensor, rc: torch.Tensor, downsample: int) -> torch.Tensor:
-    """Maps (N, C, h, w) at full-resolution points rc (P, 2) -> (N, C, P): the same bilinear
-    values `upsample_maps(..., downsample)` gives at those pixels (border clamped)."""
-    h, w = maps_low.shape[-2:]
-    gx = (rc[:, 1] + 0.5) / downsample / w * 2 - 1
-    gy = (rc[:, 0] + 0.5) / downsample / h * 2 - 1
-    grid = torch.stack([gx, gy], dim=-1)[None, None].to(maps_low.device, maps_low.dtype)
-    grid = grid.expand(maps_low.shape[0], -1, -1, -1)
-    return F.grid_sample(maps_low, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0]
 
 
 def crop_maps(maps_low: torch.Tensor, top: int, left: int, size: tuple[int, int], downsample: int) -> torch.Tensor:

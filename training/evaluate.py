@@ -31,19 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.remap import downsample_image, remap
+from model.remap import downsample_image, percentile_window, remap
 from training.archive import Archive
 from training.baselines import BASELINES, enhance, produces_maps
 from training.errors import ArchiveError
 from model.teacher import TeacherParams, teacher_on_input
 
-def percentile_window(x: np.ndarray, params: TeacherParams = TeacherParams()) -> np.ndarray:
-    """Reference (A): identity regional LUT and a global window from x's own percentiles."""
-    sample = x[:: max(1, x.shape[0] // 1024), :: max(1, x.shape[1] // 1024)]
-    lo, hi = np.percentile(sample, [params.p_lo, params.p_hi])
-    wc = float(np.clip((lo + hi) / 2, 0, 1))
-    ww = float(np.clip((hi - lo) / params.ww_squeeze, params.min_ww, 1.0))
-    return remap(torch.from_numpy(x), 1.0, 0.0, wc, ww).z.numpy()
+def percentile_window_reference(x: np.ndarray, params: TeacherParams = TeacherParams()) -> np.ndarray:
+    """Reference (A): identity regional LUT and a global window from x's own percentiles (the
+    teacher's, over the whole image)."""
+    sample = np.ascontiguousarray(x[:: max(1, x.shape[0] // 1024), :: max(1, x.shape[1] // 1024)])
+    wc, ww = percentile_window(torch.from_numpy(sample), params.p_lo, params.p_hi, params.ww_squeeze, params.min_ww)
+    return remap(torch.from_numpy(x), 1.0, 0.0, float(wc), float(ww)).z.numpy()
 
 
 def teacher_reference(x: np.ndarray) -> np.ndarray:
@@ -51,18 +50,23 @@ def teacher_reference(x: np.ndarray) -> np.ndarray:
     return teacher_on_input(x).remap(x)[1]
 
 
-REFERENCES = {"A: percentile window": percentile_window, "B: teacher on input": teacher_reference}
+REFERENCES = {"A: percentile window": percentile_window_reference, "B: teacher on input": teacher_reference}
 METHODS = ("model", *REFERENCES)
 
 
-def fidelity(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+def psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    """PSNR of a presentation z in [0, 1] (scikit-image, data_range 1: never guessed from the dtype)."""
+    from skimage.metrics import peak_signal_noise_ratio
 
-    pred = np.asarray(pred, dtype=np.float32)
-    target = np.asarray(target, dtype=np.float32)
-    psnr = peak_signal_noise_ratio(target, pred, data_range=1.0)
-    ssim = structural_similarity(target, pred, data_range=1.0)
-    return float(psnr), float(ssim)
+    return float(peak_signal_noise_ratio(np.asarray(target, np.float32), np.asarray(pred, np.float32), data_range=1.0))
+
+
+def fidelity(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """PSNR and SSIM of a presentation z in [0, 1] against the target (scikit-image, data_range 1)."""
+    from skimage.metrics import structural_similarity
+
+    pred, target = np.asarray(pred, dtype=np.float32), np.asarray(target, dtype=np.float32)
+    return psnr(pred, target), float(structural_similarity(target, pred, data_range=1.0))
 
 
 @dataclass
@@ -120,12 +124,12 @@ def evaluate(archive: str | Path, weights: str | Path, split: str = "test", devi
             zs.append(references[method](x))
             times.append(time.perf_counter() - t)
         for method, z, secs in zip(methods, zs, times):
-            psnr, ssim = fidelity(z, target)
+            psnr_db, ssim = fidelity(z, target)
             row = {"id": item.id, "group": item.group, "method": method, "rows": x.shape[0], "cols": x.shape[1],
-                   "psnr": psnr, "ssim": ssim, "seconds": secs}
+                   "psnr": psnr_db, "ssim": ssim, "seconds": secs}
             if method == "model" and has_maps:
                 row.update({f"{k}_mae": float(v) for k, v in zip(("a", "b", "wc", "ww"), mae)})
-                row["psnr_voi"] = float(-10 * np.log10(max(float(np.mean((z_voi - target) ** 2)), 1e-12)))
+                row["psnr_voi"] = psnr(z_voi, target)
             rows.append(row)
             # consistency is computed on a /4 copy (the spread of smooth acquisition changes)
             outputs[method][item.id] = downsample_image(torch.from_numpy(np.ascontiguousarray(z)), 4)[0, 0].numpy()

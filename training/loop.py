@@ -15,9 +15,9 @@ cosine decay converges in that budget (1e-5 barely moves in it); batch 4 average
 randomly placed image crops, so the step is less noisy at that larger rate.
 
 Multi-process: under torchrun (WORLD_SIZE > 1) each process takes every world-th sample of
-each global batch, per-sample losses are scaled by 1/global batch and the gradients summed
-across processes (torch.distributed all-reduce; gloo on CPU, nccl on GPU), so a step equals
-the one-process step up to float summation order. Augmentation is seeded per (epoch, sample),
+each global batch, per-sample losses are scaled by world/global batch and DistributedDataParallel
+averages the gradients across processes (gloo on CPU, nccl on GPU), so a step equals the
+one-process step up to float summation order. Augmentation is seeded per (epoch, sample),
 never per process.
 
 Files: W (best validation loss), W.last (last epoch), W.train-state (optimizer, epoch, RNG
@@ -26,6 +26,7 @@ with the training config and history in meta.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.net import ModelConfig, build_model
-from model.remap import remap
+from model.remap import percentile_window, remap, sample_bilinear
 from training.archive import Archive
 from training.baselines import BASELINES, produces_maps, render, render_points
-from training.dataset import NO_AUGMENT, REAL_AUGMENT, AugmentConfig, crop_maps, make_sample, maps_at_points
+from training.dataset import NO_AUGMENT, REAL_AUGMENT, AugmentConfig, crop_maps, make_sample
 from training.errors import ArchiveError
 
 
@@ -84,9 +85,10 @@ class TrainConfig:
     progress: bool = True
 
 
-def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
-    """Eqn 1 for one sample: image MSE on the full-resolution crop + MSE of every map."""
-    pred = model(s.x_low[None].to(device))  # (1, 4, h, w)
+def sample_loss(model, s, cfg: TrainConfig, device, net=None) -> tuple[torch.Tensor, dict]:
+    """Eqn 1 for one sample: image MSE on the full-resolution crop + MSE of every map. net: the
+    model as it runs the forward pass (wrapped in DistributedDataParallel under torchrun)."""
+    pred = (net or model)(s.x_low[None].to(device))  # (1, 4, h, w)
     if not produces_maps(model):
         return baseline_loss(model, pred, s, cfg, device)
     size = tuple(s.x_crop.shape[-2:])
@@ -94,7 +96,7 @@ def sample_loss(model, s, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]
     z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
     image = weighted_mse(z, s.z_crop[None].to(device), s.weight, device)
     if s.pts_rc is not None:  # the whole image: scattered full-resolution pixels through the same remap
-        at = maps_at_points(pred, s.pts_rc.to(device), cfg.downsample)[0]  # (4, P)
+        at = sample_bilinear(pred, s.pts_rc[:, 0].to(device), s.pts_rc[:, 1].to(device), cfg.downsample)[0]  # (4, P)
         zp = remap(s.pts_x.to(device), *at.unbind(0)).z.reshape(-1)
         image = 0.5 * (image + weighted_mse(zp, s.pts_z.to(device), s.pts_weight, device))
     gt = s.maps.to(device)
@@ -186,24 +188,31 @@ class PercentileWindowMaps(torch.nn.Module):
     99th percentiles of the image (reference (A) of evaluate), so `validate` can score it."""
 
     def forward(self, x_low: torch.Tensor) -> torch.Tensor:
-        flat = x_low.flatten(1)
-        lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99], dtype=flat.dtype), dim=1)
-        wc = ((lo + hi) / 2).clamp(0, 1)
-        ww = ((hi - lo) / 1.2).clamp(0.02, 1)
+        wc, ww = torch.stack([torch.stack(percentile_window(image)) for image in x_low]).unbind(1)
         ones = torch.ones_like(x_low)
         return torch.cat([ones, 0 * ones, wc[:, None, None, None] * ones, ww[:, None, None, None] * ones], dim=1)
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
-    """Linear warm-up (at most a tenth of the run), then cosine decay to lr * min_lr_ratio.
+def lr_schedule(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig, done_steps: int = 0,
+                time_fraction=lambda: 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up (at most a tenth of the run), then cosine decay to lr * min_lr_ratio; the
+    optimizer's lr is that of step `done_steps` on return, and of each next step after every
+    `.step()`.
 
-    With --max-minutes the decay follows whichever is further along, the steps or the wall
-    time, so a run on a busy machine still anneals before its time is up."""
+    With --max-minutes the decay follows whichever is further along, the steps or the wall time
+    (time_fraction(): the share of it used), so a run on a busy machine still anneals before its
+    time is up."""
     warmup = min(cfg.warmup_steps, total // 10)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction()))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
 
 
 def train(cfg: TrainConfig, command: str = "") -> dict:
@@ -258,12 +267,16 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"resumed from {resume} at epoch {state['epoch']}")
-    if world > 1:  # identical start everywhere
-        for p in model.parameters():
-            torch.distributed.broadcast(p.data, 0)
-    for p in model.parameters():  # a process with no sample in a batch still all-reduces zeros
+    for p in model.parameters():  # every parameter has a gradient, zero where unused, in every step
         p.grad = torch.zeros_like(p)
     model.train()
+    # DDP broadcasts rank 0's weights at the start and averages the gradients of each step
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=cfg.arch != "interpretable")  # a baseline may leave some unused
+    start_time = time.time() - state["elapsed"]
+    time_fraction = (lambda: (time.time() - start_time) / (cfg.max_minutes * 60)) if cfg.max_minutes else (lambda: 0.0)
+    schedule = lr_schedule(optimizer, total_steps, cfg, state["step"], time_fraction)
 
     def save(path: Path, val: dict):
         meta = {"train_config": {k: v for k, v in asdict(cfg).items()}, "epoch": state["epoch"], "step": state["step"],
@@ -283,7 +296,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             save(out, val)
 
     # ---- epochs --------------------------------------------------------------------------------
-    start = time.time() - state["elapsed"]
+    start = start_time
     epoch_seconds = 0.0
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
@@ -300,25 +313,27 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
         sums = {}
         for batch in batches:
-            for g in optimizer.param_groups:
-                time_fraction = (time.time() - start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
-                g["lr"] = lr_at(state["step"], total_steps, cfg, time_fraction)
             optimizer.zero_grad(set_to_none=False)
-            for j, position in enumerate(batch):
-                if j % world != rank:
-                    continue
+            # each process takes every world-th sample; DDP averages over processes, so a loss
+            # scaled by world / global batch gives the one-process step
+            mine = [(int(position), world) for j, position in enumerate(batch) if j % world == rank]
+            if not mine:  # DDP needs every process in every step: a sample that weighs nothing
+                mine = [(int(batch[0]), 0)]
+            for k, (position, scale) in enumerate(mine):
                 item = train_items[order[position]]
-                rng = np.random.default_rng([cfg.seed, epoch, int(position)])  # a repeated row gets its own draw
+                rng = np.random.default_rng([cfg.seed, epoch, position])  # a repeated row gets its own draw
                 s = make_sample(item, rng, cfg.crop, cfg.downsample, augment_for(item), points=cfg.points)
-                loss, parts = sample_loss(model, s, cfg, device)
-                (loss / len(batch)).backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                sums["n"] = sums.get("n", 0) + 1
-            if world > 1:
-                for p in model.parameters():
-                    torch.distributed.all_reduce(p.grad)
+                last = k == len(mine) - 1  # gradients are averaged once, after the last sample
+                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    loss, parts = sample_loss(model, s, cfg, device, net)
+                    (loss / len(batch) * scale).backward()
+                if scale:
+                    for key, v in parts.items():
+                        sums[key] = sums.get(key, 0.0) + v
+                    sums["n"] = sums.get("n", 0) + 1
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            schedule.step()
             state["step"] += 1
             if bar:
                 bar.update(1)
@@ -332,7 +347,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         n = max(sums.get("n", 1), 1)
         record = {"epoch": state["epoch"], "train_image_mse": sums.get("image", 0) / n,
                   **{f"train_{k}_mse": sums.get(k, 0) / n for k in ("a", "b", "wc", "ww")},
-                  "val_loss": val["loss"], "val_psnr": val["psnr"], "lr": optimizer.param_groups[0]["lr"],
+                  "val_loss": val["loss"], "val_psnr": val["psnr"], "lr": lr,
                   "seconds": epoch_seconds}
         state["history"].append(record)
         improved = val["loss"] < state["best"]

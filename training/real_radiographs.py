@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from model.anatomy import find_anatomy_mask
 from model.remap import downsample_image
 from model.teacher import teacher_on_input
-from training.evaluate import percentile_window  # reference (A): a window from the image's own 1st/99th percentiles
+from training.evaluate import percentile_window_reference  # reference (A): a window from the image's own 1st/99th percentiles
 
 SATURATED = (0.02, 0.98)
 CONTRAST_SIGMA = 8.0
@@ -281,7 +281,7 @@ def classical_methods() -> dict:
     """name -> (Variant -> display) for the methods that need no model."""
     return {
         "own window": lambda v: viewer_display(v.ds),
-        "percentile window": lambda v: percentile_window(v.x),
+        "percentile window": lambda v: percentile_window_reference(v.x),
         "CLAHE": lambda v: clahe(v.x),
         "teacher on input": lambda v: teacher_display(v.x),
     }
@@ -304,7 +304,7 @@ def measure(all_variants: list[Variant], methods: dict, keep_displays: tuple = (
     rows, displays, consistency_inputs = [], {}, {}
     originals: dict = {}
     for v in all_variants:
-        reference = percentile_window(v.clean_x)
+        reference = percentile_window_reference(v.clean_x)
         own_contrast = None
         for method, show in methods.items():
             display = show(v)
