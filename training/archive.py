@@ -244,7 +244,7 @@ def window_from_presentation(z: np.ndarray) -> tuple[float, float]:
     zl, zh = (torch.tensor(v, dtype=torch.float64) for v in np.clip([zl, zh], 1e-3, 1 - 1e-3))
     span = max(float(inverse_sigmoid_window(zh, 0.0, 4.0) - inverse_sigmoid_window(zl, 0.0, 4.0)), 1e-3)
     ww = float(np.clip(3.6 / span, 0.02, 1.0))
-    wc = float(np.clip(0.05 - inverse_sigmoid_window(zl, 0.0, ww), 0.0, 1.0))  # y(zl) = 0.05
+    wc = float(np.clip(0.05 - float(inverse_sigmoid_window(zl, 0.0, ww)), 0.0, 1.0))  # y(zl) = 0.05
     return wc, ww
 
 
