@@ -149,12 +149,9 @@ def synth_step(run: Run) -> Path:
 def train_config(run: Run, spec: Learned):
     from training.loop import TrainConfig
 
-    c = spec.config
     m = run.mode
     budget = {k: getattr(m, k) for k in ("epochs", "lr", "batch", "crop", "patience") if getattr(m, k) is not None}
-    return TrainConfig(archive=str(run.archive), out=str(run.checkpoint(spec.key)), arch=c.arch,
-                       downsample=c.downsample, width=c.width, levels=c.levels, parameterisation=c.parameterisation,
-                       lowpass_sigma=c.lowpass_sigma, model_extra=dict(c.extra),
+    return TrainConfig(archive=str(run.archive), out=str(run.checkpoint(spec.key)), model=spec.config,
                        seed=run.seed, device=run.device, threads=run.threads, cache=str(run.cache), progress=False,
                        **budget)
 

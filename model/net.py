@@ -22,56 +22,20 @@ The outputs still are plain maps a >= 0, b, wc in [0, 1], ww >= min_ww: the form
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.config import ARCHITECTURES, ModelConfig
+
 MAP_NAMES = ("a", "b", "wc", "ww")
-ARCHITECTURES = ("interpretable",)
-PARAMETERISATIONS = ("relative", "absolute", "tissue", "prior")
 A_REF = 0.5  # a at s = 0 maps the image's robust spread onto half the output range
 LOWPASS_WORK = 64  # px, longer side of the copy the tissue parameterisation's L is computed on
 # The prior parameterisation's bounds on each learned correction (InterpretableResUNet.corrected_teacher):
 # a and kappa within a factor exp(0.5) and exp(0.7) of the teacher's, the level within 0.3 of the
 # body's spread, wc within half the teacher's window width, ww within a factor exp(0.5).
 PRIOR_BOUNDS = {"a": 0.5, "kappa": 0.7, "level": 0.3, "wc": 0.5, "ww": 0.5}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; stored inside every checkpoint."""
-
-    arch: str = "interpretable"
-    downsample: int = 8
-    width: int = 32
-    levels: int = 5
-    parameterisation: str = "prior"
-    min_ww: float = 0.02
-    lowpass_radius: int = 3  # low-res pixels, the L(x) of the relative parameterisation
-    lowpass_sigma: float = 0.06  # the tissue parameterisation's L: Gaussian sigma, fraction of the shorter side
-    work_size: int = 0  # 0: the ResUNet runs on the /downsample image as it is; N: on a copy resized
-    #                     so its longer side is at most N (see InterpretableResUNet.forward)
-    extra: dict = field(default_factory=dict)  # architecture-specific settings (baselines)
-
-    def __post_init__(self):
-        if self.arch not in ARCHITECTURES and not self.arch.startswith("baseline:"):
-            raise ValueError(f"arch must be one of {ARCHITECTURES} or 'baseline:*', got {self.arch!r}")
-        if self.downsample not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"downsample must be a power of two up to 32, got {self.downsample!r}")
-        if not 1 <= self.levels <= 7:
-            raise ValueError(f"levels must be within 1..7, got {self.levels!r}")
-        if self.width < 1:
-            raise ValueError(f"width must be positive, got {self.width!r}")
-        if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
-        if not 0 < self.lowpass_sigma < 1:
-            raise ValueError(f"lowpass_sigma must be within (0, 1), got {self.lowpass_sigma!r}")
-        if self.work_size < 0:
-            raise ValueError(f"work_size must be >= 0, got {self.work_size!r}")
-        if not 0 < self.min_ww < 1:
-            raise ValueError(f"min_ww must be within (0, 1), got {self.min_ww!r}")
 
 
 def conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

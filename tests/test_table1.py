@@ -34,8 +34,7 @@ def archive(tmp_path_factory):
 def test_each_baseline_trains_with_the_shared_loop_lowers_its_loss_and_loads_through_evaluate(name, archive, tmp_path):
     config = baseline_config(name, width=8, levels=3)  # 3 levels: the ResUNet fits 320 px images at /8
     out = tmp_path / f"{name.split(':')[1]}.pt"
-    cfg = TrainConfig(archive=str(archive), out=str(out), arch=config.arch, downsample=config.downsample,
-                      width=config.width, levels=config.levels, model_extra=dict(config.extra), epochs=4, lr=3e-3,
+    cfg = TrainConfig(archive=str(archive), out=str(out), model=config, epochs=4, lr=3e-3,
                       batch=2, crop=96, points=2048, augment=False, seed=0, threads=2, progress=False,
                       cache=str(Path(archive).parent / "cache"))
     torch.manual_seed(cfg.seed)  # the loop's initial model: same seed, same config

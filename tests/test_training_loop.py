@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.config import ModelConfig
 from training.archive import Archive
 from training.loop import PercentileWindowMaps, TrainConfig, train, validate
 from training.synth import synthesise
@@ -24,7 +25,9 @@ def archive(tmp_path_factory):
 
 
 def small_config(archive, out, **kw) -> TrainConfig:
-    base = dict(archive=str(archive), out=str(out), downsample=4, width=12, levels=4, epochs=6, lr=2e-3, batch=2,
+    model = dict(downsample=4, width=12, levels=4)
+    model.update({k: kw.pop(k) for k in list(kw) if k in model})
+    base = dict(archive=str(archive), out=str(out), model=ModelConfig(**model), epochs=6, lr=2e-3, batch=2,
                 crop=128, points=4096, seed=0, threads=1, progress=False, cache=str(Path(archive).parent / "cache"))
     base.update(kw)
     return TrainConfig(**base)
@@ -41,7 +44,7 @@ def trained(archive, tmp_path_factory):
 def test_short_training_beats_its_start_and_the_identity_baseline(trained, archive):
     cfg, out, state = trained
     start, best = state["start_val_loss"], state["best"]  # the prior starts at the teacher: not far to go
-    items = Archive(archive, cfg.downsample, cache=cfg.cache).items("val")
+    items = Archive(archive, cfg.model.downsample, cache=cfg.cache).items("val")
     baseline = validate(PercentileWindowMaps(), items, cfg, torch.device("cpu"), 0, 1)
     assert best < 0.95 * start and state["best_epoch"] > 0, state["history"]
     assert best < 0.5 * baseline["loss"], (best, baseline)
@@ -54,7 +57,7 @@ def test_short_training_beats_its_start_and_the_identity_baseline(trained, archi
 def test_checkpoint_round_trip_keeps_config_weights_and_meta(trained):
     cfg, out, state = trained
     ck = load_checkpoint(out)
-    assert ck.config.downsample == cfg.downsample and ck.config.width == cfg.width
+    assert ck.config == cfg.model
     assert ck.meta["best_val_loss"] == pytest.approx(state["best"])
     assert ck.meta["archive"] == cfg.archive and ck.meta["train_config"]["lr"] == cfg.lr
     again = load_checkpoint(out)
@@ -125,3 +128,26 @@ def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor(
     timed = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
     lr_schedule(timed, 100, cfg, done_steps=10, time_fraction=lambda: 1.0)
     assert timed.param_groups[0]["lr"] == pytest.approx(2e-5)
+
+
+def test_the_train_options_are_the_config_fields_with_their_defaults(tmp_path):
+    """`dicom-node train`'s options are built from TrainConfig and ModelConfig: no option left
+    at its default gives anything but the dataclasses' defaults."""
+    import click
+
+    from training.commands import train_command, train_config
+
+    def parsed(*args):
+        ctx = train_command.make_context("train", ["--archive", str(tmp_path), "--out", "w.pt", *args])
+        return train_config(**{**ctx.params, "device": "cpu"})
+
+    assert parsed() == TrainConfig(archive=str(tmp_path), out="w.pt", device="cpu")
+    cfg = parsed("--downsample", "16", "--work-size", "192", "--no-augment", "--no-progress", "--map-weights",
+                 "0,0,0,1", "--hold-out", "real-a", "--hold-out", "real-b", "--batch", "2")
+    assert cfg.model == ModelConfig(downsample=16, work_size=192)
+    assert (cfg.augment, cfg.progress, cfg.map_weights, cfg.hold_out, cfg.batch) == (
+        False, False, (0.0, 0.0, 0.0, 1.0), ("real-a", "real-b"), 2)
+    with pytest.raises(click.BadParameter, match="four comma-separated weights: a,b,wc,ww"):
+        parsed("--map-weights", "1,2")
+    with pytest.raises(click.BadParameter, match="'32' is not one of '4', '8', '16'"):
+        parsed("--downsample", "32")

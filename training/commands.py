@@ -1,13 +1,18 @@
 """CLI commands of the training side: synth, train, evaluate (registered in cli).
 
-Heavy modules (torch, the training code) are imported inside the command bodies.
+Heavy modules (torch, the training code) are imported inside the command bodies; `train`'s
+options are built from the torch-free configs (model.config, training.config).
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 
 import click
+
+from model.config import ModelConfig
+from training.config import TrainConfig
 
 
 class ProgressLine:
@@ -57,62 +62,90 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
     click.echo(f"wrote {count[0]} acquisitions to {path}")
 
 
+class NumberList(click.ParamType):
+    """n comma-separated numbers, e.g. --map-weights 0.05,0.05,0.05,0.05."""
+
+    name = "list"
+
+    def __init__(self, n: int, what: str):
+        self.n, self.what = n, what
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != self.n:
+            self.fail(self.what, param, ctx)
+        return numbers
+
+
+def options_from(config_class) -> list:
+    """click options of every field of the dataclass that has a "help" in its metadata, built from
+    the field: --name-with-dashes, its default, its help, a range (min/max), choices, a repeatable
+    option (multiple) or a switch to the opposite of a bool default (flag). The dataclass is then
+    the one place that says what a setting is, so the command, its --help and the docs built from
+    them cannot drift."""
+    options = []
+    for spec in dataclasses.fields(config_class):
+        meta = dict(spec.metadata)
+        if not meta.get("help"):
+            continue
+        default = spec.default
+        name = meta.get("name") or "--" + spec.name.replace("_", "-")
+        kwargs = {"help": meta["help"], "show_default": True}
+        if isinstance(default, bool):  # a switch to the opposite, e.g. --no-augment
+            options.append(click.option(meta["flag"], spec.name, flag_value=not default, default=default,
+                                        help=meta["help"]))
+            continue
+        if meta.get("multiple"):
+            kwargs.update(multiple=True, show_default=False)
+        elif isinstance(default, tuple):
+            kwargs.update(type=NumberList(len(default), meta.get("what", f"{len(default)} comma-separated numbers")),
+                          default=",".join(str(v) for v in default))
+        elif "choices" in meta:  # click chooses among strings; the field gets its own type back
+            kwargs.update(type=click.Choice([str(c) for c in meta["choices"]]), default=str(default),
+                          callback=lambda ctx, param, value, kind=type(default): kind(value))
+        elif "min" in meta or "max" in meta:
+            bounded = click.IntRange if isinstance(default, int) else click.FloatRange
+            kwargs.update(type=bounded(meta.get("min"), meta.get("max")), default=default)
+        else:
+            kwargs.update(type=type(default), default=default, show_default=default != "")
+        options.append(click.option(name, spec.name, **kwargs))
+    return options
+
+
+def with_options(options):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 @click.command("train")
 @click.option("--archive", required=True, type=click.Path(exists=True), help="Annotated archive (folder or .zip).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Best checkpoint; W.last and W.train-state beside it.")
-@click.option("--downsample", default=8, show_default=True, type=click.Choice(["4", "8", "16"]), help="Model resolution.")
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda | cuda:N")
 @click.option("--resume", default=None, type=click.Path(), help="Continue the run whose best checkpoint is W.")
-@click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="ResUNet feature width.")
-@click.option("--lowpass-radius", default=3, show_default=True, type=click.IntRange(0),
-              help="Radius (low-res px) of the fixed low-pass L(x) in the relative parameterisation.")
-@click.option("--parameterisation", default="prior", show_default=True,
-              type=click.Choice(["relative", "absolute", "tissue", "prior"]), help="How the raw outputs become the maps (model/net.py).")
-@click.option("--real-fraction", default=0.34, show_default=True, type=click.FloatRange(0, 0.9),
-              help="Share of each epoch drawn from the real radiographs (groups real-*), with heavier augmentation.")
-@click.option("--correction-weight", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="Prior parameterisation: weight of the mean squared correction in the loss (0: none).")
-@click.option("--hold-out", "hold_out", multiple=True, help="Leave the rows of this group (prefix) out of training and validation; repeatable.")
-@click.option("--work-size", default=0, show_default=True, type=click.IntRange(0),
-              help="Run the ResUNet on a copy of the /ds image resized to this longer side (0: as is).")
-@click.option("--crop", default=512, show_default=True, type=click.IntRange(32), help="Full-res crop side (image term).")
-@click.option("--points", default=16384, show_default=True, type=click.IntRange(0),
-              help="Full-res pixels scattered over the whole image in the image term (0: crop only).")
-@click.option("--image-weight", default=1.0, show_default=True, type=float, help="Weight of the image MSE term.")
-@click.option("--robust-scale", default=0.002, show_default=True, type=click.FloatRange(0),
-              help="0: image term = MSE; t > 0: t log(1 + MSE / t) per sample (a few unfittable samples weigh less).")
-@click.option("--map-weights", default="0.05,0.05,0.05,0.05", show_default=True, help="Weights of the a,b,wc,ww MSE terms.")
-@click.option("--patience", default=10, show_default=True, type=click.IntRange(1), help="Early stop after N epochs.")
-@click.option("--max-minutes", default=0.0, show_default=True, type=float, help="Stop before passing this wall time (0: none).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=0, show_default=True, type=int, help="Torch threads per process (0: cores/processes).")
-@click.option("--no-augment", is_flag=True, help="Disable on-the-fly augmentation.")
-@click.option("--cache", default="", help="Cache folder for decoded inputs (default: beside the archive).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
-def train_command(archive, out, downsample, epochs, lr, batch, device, resume, width, crop, image_weight, map_weights,
-                  patience, max_minutes, seed, threads, no_augment, cache, no_progress, points, lowpass_radius, work_size,
-                  parameterisation, real_fraction, hold_out, robust_scale, correction_weight):
+@with_options(options_from(ModelConfig) + options_from(TrainConfig))
+def train_command(archive, out, device, resume, **settings):
     """Train the interpretable-mapping model on an annotated archive (works under torchrun)."""
     from model.predictor import resolve_device
-    from training.loop import TrainConfig, train
+    from training.loop import train
 
-    device = _device(device, resolve_device)
-    try:
-        weights = tuple(float(v) for v in map_weights.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 4:
-        raise click.BadParameter("four comma-separated weights: a,b,wc,ww", param_hint="--map-weights")
-    cfg = TrainConfig(archive=archive, out=out, downsample=int(downsample), width=width, lowpass_radius=lowpass_radius, work_size=work_size,
-                      parameterisation=parameterisation, epochs=epochs, lr=lr,
-                      batch=batch, crop=crop, points=points, image_weight=image_weight, map_weights=weights, patience=patience,
-                      max_minutes=max_minutes, seed=seed, device=device, threads=threads, augment=not no_augment,
-                      cache=cache, resume=resume or "", progress=not no_progress, real_fraction=real_fraction,
-                      hold_out=tuple(hold_out), robust_scale=robust_scale, correction_weight=correction_weight)
+    cfg = train_config(archive=archive, out=out, device=_device(device, resolve_device), resume=resume, **settings)
     train(cfg, command=" ".join(shlex.quote(a) for a in sys.argv))
+
+
+def train_config(archive: str, out: str, device: str, resume: str | None, **settings) -> TrainConfig:
+    """The TrainConfig of `train`'s options: the model's fields go to its ModelConfig."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in settings.items() if k in model_fields})
+    return TrainConfig(archive=archive, out=out, device=device, resume=resume or "", model=model,
+                       **{k: v for k, v in settings.items() if k not in model_fields})
 
 
 @click.command("evaluate")

@@ -6,7 +6,7 @@
 Loss (paper, Eqn 1): MSE(z_pred, z_gt) on full-resolution crops, z_pred = remap(crop of x, maps
 upsampled from the prediction) through model.remap, plus MSE of each of a, b, wc, ww at the
 model's resolution. Weights per term are in TrainConfig (Eqn 1 = all ones). A Table 1 baseline
-(TrainConfig.arch "baseline:<name>", training.baselines) has no maps: it is trained on the same
+(TrainConfig.model.arch "baseline:<name>", training.baselines) has no maps: it is trained on the same
 image term alone, rendered by its own rule (`training.baselines.render`).
 
 Defaults differ from the paper's (Adam lr 1e-5, batch 1, trained to convergence on an A100):
@@ -39,50 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.net import ModelConfig, build_model
+from model.net import build_model
 from model.remap import percentile_window, remap, sample_bilinear
 from training.archive import Archive
 from training.baselines import BASELINES, produces_maps, render, render_points
 from training.dataset import NO_AUGMENT, REAL_AUGMENT, AugmentConfig, crop_maps, make_sample
+from training.config import TrainConfig
 from training.errors import ArchiveError
-
-
-@dataclass
-class TrainConfig:
-    archive: str = ""
-    out: str = "var/train/model.pt"
-    arch: str = "interpretable"  # or a Table 1 baseline, "baseline:<name>" (training.baselines)
-    model_extra: dict = field(default_factory=dict)  # ModelConfig.extra: the baseline's own settings
-    downsample: int = 8
-    width: int = 32
-    levels: int = 5
-    parameterisation: str = "prior"
-    lowpass_radius: int = 3  # L(x) of the relative parameterisation, low-res pixels
-    lowpass_sigma: float = 0.06  # L(x) of the tissue parameterisation, fraction of the shorter side
-    work_size: int = 0  # ModelConfig.work_size: the ResUNet's input longer side (0 = as is)
-    epochs: int = 30
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.02  # cosine decays to lr * this
-    warmup_steps: int = 50
-    batch: int = 4
-    crop: int = 512  # full-resolution crop side for the image term
-    points: int = 16384  # full-resolution pixels scattered over the whole image, also in the image term
-    image_weight: float = 1.0
-    robust_scale: float = 0.002  # 0: the image term is the MSE (Eqn 1); t > 0: t log(1 + MSE / t) per sample
-    correction_weight: float = 0.0  # prior parameterisation: weight of the mean squared (bounded) correction
-    map_weights: tuple = (0.05, 0.05, 0.05, 0.05)  # a, b, wc, ww (Eqn 1: all 1; see docs/training.md)
-    patience: int = 10  # epochs without a better validation loss before stopping
-    max_minutes: float = 0.0  # 0 = no limit; else stop before an epoch would pass it
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0  # torch threads per process; 0 = cores / processes
-    augment: bool = True
-    real_fraction: float = 0.34  # share of each epoch's samples drawn from real radiographs (heavier augmentation)
-    hold_out: tuple = ()  # groups left out of training and validation (leave-one-real-out)
-    cache: str = ""
-    resume: str = ""
-    stop_after_epochs: int = 0  # stop (as if interrupted) once this many epochs are done; 0 = never
-    progress: bool = True
 
 
 def sample_loss(model, s, cfg: TrainConfig, device, net=None) -> tuple[torch.Tensor, dict]:
@@ -92,11 +55,11 @@ def sample_loss(model, s, cfg: TrainConfig, device, net=None) -> tuple[torch.Ten
     if not produces_maps(model):
         return baseline_loss(model, pred, s, cfg, device)
     size = tuple(s.x_crop.shape[-2:])
-    full = crop_maps(pred, s.top, s.left, size, cfg.downsample)
+    full = crop_maps(pred, s.top, s.left, size, cfg.model.downsample)
     z = remap(s.x_crop[None].to(device), *full.split(1, dim=1)).z
     image = weighted_mse(z, s.z_crop[None].to(device), s.weight, device)
     if s.pts_rc is not None:  # the whole image: scattered full-resolution pixels through the same remap
-        at = sample_bilinear(pred, s.pts_rc[:, 0].to(device), s.pts_rc[:, 1].to(device), cfg.downsample)[0]  # (4, P)
+        at = sample_bilinear(pred, s.pts_rc[:, 0].to(device), s.pts_rc[:, 1].to(device), cfg.model.downsample)[0]  # (4, P)
         zp = remap(s.pts_x.to(device), *at.unbind(0)).z.reshape(-1)
         image = 0.5 * (image + weighted_mse(zp, s.pts_z.to(device), s.pts_weight, device))
     gt = s.maps.to(device)
@@ -164,7 +127,7 @@ def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> d
         x = torch.from_numpy(np.asarray(item.x, dtype=np.float32)).to(device)
         has_maps = produces_maps(model)
         if has_maps:
-            z = remap(x, *pred.split(1, dim=1), downsample=cfg.downsample).z
+            z = remap(x, *pred.split(1, dim=1), downsample=cfg.model.downsample).z
         else:
             z = render(model, x[None, None], pred)[0, 0]
         image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device))
@@ -215,8 +178,72 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
 
 
+@dataclass
+class Run:
+    """One training run as its steps share it: the processes, the model and its optimizer, and the
+    state a checkpoint keeps (epoch, step, best validation loss, early-stop counter, history)."""
+
+    cfg: TrainConfig
+    command: str
+    world: int
+    rank: int
+    device: torch.device
+    model: torch.nn.Module = None
+    net: torch.nn.Module = None  # the model as the forward pass runs it (DDP-wrapped under torchrun)
+    optimizer: torch.optim.Optimizer = None
+    schedule: torch.optim.lr_scheduler.LRScheduler = None
+    state: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1,
+                                                 "bad_epochs": 0, "elapsed": 0.0, "history": []})
+    started: float = 0.0  # wall clock at the start, less the time already spent before a resume
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def log(self, *args) -> None:
+        if self.main:
+            print(*args, flush=True)
+
+    def time_fraction(self) -> float:
+        """The share of --max-minutes used (0 without a limit)."""
+        return (time.time() - self.started) / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
+
+
 def train(cfg: TrainConfig, command: str = "") -> dict:
-    # ---- processes and device ----------------------------------------------------------
+    """The recipe: the processes, the data, the model (or the run to resume), the start as a
+    candidate, then epochs of Eqn 1 steps, each validated and checkpointed, until the epochs,
+    the patience or the time run out. Returns the run's state."""
+    run = start_processes(cfg, command)
+    train_items, val_items = load_splits(run)
+    build_or_resume(run, train_items)
+    if starts_at_teacher(cfg) and run.state["epoch"] == 0 and run.state["best_epoch"] < 0:
+        validate_the_start(run, val_items)
+    epoch_seconds = 0.0
+    while run.state["epoch"] < cfg.epochs:
+        if cfg.max_minutes and (time.time() - run.started) + epoch_seconds > cfg.max_minutes * 60:
+            run.log(f"stopping: another epoch would pass --max-minutes {cfg.max_minutes}")
+            break
+        t_epoch = time.time()
+        train_sums, lr = train_one_epoch(run, train_items)
+        val = validate(run.model, val_items, cfg, run.device, run.rank, run.world)
+        epoch_seconds = time.time() - t_epoch
+        record_epoch(run, train_sums, val, lr, epoch_seconds)
+        if stops_after_this_epoch(run):
+            break
+    run.log(f"done: best val loss {run.state['best']:.3e} at epoch {run.state['best_epoch']}, "
+            f"{run.state['elapsed'] / 60:.1f} min; best -> {run.out}")
+    if run.world > 1:
+        torch.distributed.barrier()
+    return run.state
+
+
+def start_processes(cfg: TrainConfig, command: str) -> Run:
+    """One process, or one of torchrun's (WORLD_SIZE > 1: gloo on CPU, nccl on GPU), with its
+    device and its share of the CPU threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -226,16 +253,19 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    main = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    return Run(cfg=cfg, command=command, world=world, rank=rank, device=device)
 
-    # ---- data: rank 0 decodes and caches, the others wait and then read the cache --------
-    archive = Archive(cfg.archive, cfg.downsample, cache=cfg.cache or None)
-    if main:
+
+def load_splits(run: Run) -> tuple[list, list]:
+    """The train and val rows, less the held-out groups. Rank 0 decodes and caches the archive;
+    the others wait for it and then read the cache."""
+    cfg = run.cfg
+    archive = Archive(cfg.archive, cfg.model.downsample, cache=cfg.cache or None)
+    if run.main:
         t0 = time.time()
         archive.items()
-        log(f"archive {cfg.archive}: {len(archive.rows)} rows cached in {time.time() - t0:.0f}s")
-    if world > 1:
+        run.log(f"archive {cfg.archive}: {len(archive.rows)} rows cached in {time.time() - t0:.0f}s")
+    if run.world > 1:
         torch.distributed.barrier()
     held = lambda item: any(item.group.startswith(g) for g in cfg.hold_out)  # noqa: E731
     train_items = [i for i in archive.items("train") if not held(i)]
@@ -243,135 +273,142 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     if not train_items:
         raise ArchiveError(f"archive {cfg.archive}: no rows with split 'train'")
     if not val_items:
-        log("warning: no 'val' rows; validating on the training rows")
+        run.log("warning: no 'val' rows; validating on the training rows")
         val_items = train_items
-    augment_for = (lambda item: REAL_AUGMENT if is_real(item) else AugmentConfig()) if cfg.augment else (lambda item: NO_AUGMENT)
+    return train_items, val_items
 
-    # ---- model and optimiser ---------------------------------------------------------------
+
+def build_or_resume(run: Run, train_items: list) -> None:
+    """The model from the seed (or the last epoch of the run to resume, with its optimizer and
+    state), Adam, the learning-rate schedule over every step of the run, and under torchrun the
+    DDP wrapper, which broadcasts rank 0's weights and averages each step's gradients."""
+    cfg = run.cfg
     torch.manual_seed(cfg.seed)
-    mconf = ModelConfig(arch=cfg.arch, downsample=cfg.downsample, width=cfg.width, levels=cfg.levels,
-                        parameterisation=cfg.parameterisation, lowpass_radius=cfg.lowpass_radius,
-                        lowpass_sigma=cfg.lowpass_sigma, work_size=cfg.work_size,
-                        extra=dict(cfg.model_extra))
-    model = build_model(mconf, BASELINES).to(device)
+    model = build_model(cfg.model, BASELINES).to(run.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    out = Path(cfg.out)
-    steps_per_epoch = math.ceil(len(epoch_order(train_items, cfg, 0)) / cfg.batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "history": []}
     if cfg.resume:
         resume = Path(cfg.resume)
         ckpt = load_checkpoint(resume.with_name(resume.name + ".last"), "cpu", BASELINES)
         model.load_state_dict(ckpt.model.state_dict())
         saved = torch.load(resume.with_name(resume.name + ".train-state"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        log(f"resumed from {resume} at epoch {state['epoch']}")
+        run.state = saved["state"]
+        run.log(f"resumed from {resume} at epoch {run.state['epoch']}")
     for p in model.parameters():  # every parameter has a gradient, zero where unused, in every step
         p.grad = torch.zeros_like(p)
     model.train()
-    # DDP broadcasts rank 0's weights at the start and averages the gradients of each step
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=cfg.arch != "interpretable")  # a baseline may leave some unused
-    start_time = time.time() - state["elapsed"]
-    time_fraction = (lambda: (time.time() - start_time) / (cfg.max_minutes * 60)) if cfg.max_minutes else (lambda: 0.0)
-    schedule = lr_schedule(optimizer, total_steps, cfg, state["step"], time_fraction)
+    run.model, run.optimizer = model, optimizer
+    run.net = model if run.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+        find_unused_parameters=cfg.model.arch != "interpretable")  # a baseline may leave some unused
+    run.started = time.time() - run.state["elapsed"]
+    total_steps = math.ceil(len(epoch_order(train_items, cfg, 0)) / cfg.batch) * cfg.epochs
+    run.schedule = lr_schedule(optimizer, total_steps, cfg, run.state["step"], run.time_fraction)
 
-    def save(path: Path, val: dict):
-        meta = {"train_config": {k: v for k, v in asdict(cfg).items()}, "epoch": state["epoch"], "step": state["step"],
-                "val": val, "best_val_loss": state["best"], "archive": str(cfg.archive), "command": command,
-                "world_size": world, "history": state["history"]}
-        return save_checkpoint(path, model, meta)
 
-    # ---- the start is a candidate too: the prior parameterisation starts at the teacher, and
-    # a run that cannot improve on it keeps it rather than its least bad epoch (a random start
-    # of any other model is no candidate)
-    starts_at_teacher = cfg.arch == "interpretable" and cfg.parameterisation == "prior"
-    if starts_at_teacher and state["epoch"] == 0 and state["best_epoch"] < 0:
-        val = validate(model, val_items, cfg, device, rank, world)
-        state["best"], state["best_epoch"], state["start_val_loss"] = val["loss"], 0, val["loss"]
-        log(f"epoch   0  (the start)  val loss {val['loss']:.3e} psnr {val['psnr']:.2f} dB")
-        if main:
-            save(out, val)
+def starts_at_teacher(cfg: TrainConfig) -> bool:
+    """The prior parameterisation starts at the teacher: that start is a candidate too, and a run
+    that cannot improve on it keeps it rather than its least bad epoch (a random start of any
+    other model is no candidate)."""
+    return cfg.model.arch == "interpretable" and cfg.model.parameterisation == "prior"
 
-    # ---- epochs --------------------------------------------------------------------------------
-    start = start_time
-    epoch_seconds = 0.0
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        if cfg.max_minutes and (time.time() - start) + epoch_seconds > cfg.max_minutes * 60:
-            log(f"stopping: another epoch would pass --max-minutes {cfg.max_minutes}")
-            break
-        t_epoch = time.time()
-        order = epoch_order(train_items, cfg, epoch)
-        batches = [np.arange(i, min(i + cfg.batch, len(order))) for i in range(0, len(order), cfg.batch)]
-        bar = None
-        if main and cfg.progress and sys.stderr.isatty():  # a bar in a log file is noise
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-        sums = {}
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=False)
-            # each process takes every world-th sample; DDP averages over processes, so a loss
-            # scaled by world / global batch gives the one-process step
-            mine = [(int(position), world) for j, position in enumerate(batch) if j % world == rank]
-            if not mine:  # DDP needs every process in every step: a sample that weighs nothing
-                mine = [(int(batch[0]), 0)]
-            for k, (position, scale) in enumerate(mine):
-                item = train_items[order[position]]
-                rng = np.random.default_rng([cfg.seed, epoch, position])  # a repeated row gets its own draw
-                s = make_sample(item, rng, cfg.crop, cfg.downsample, augment_for(item), points=cfg.points)
-                last = k == len(mine) - 1  # gradients are averaged once, after the last sample
-                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    loss, parts = sample_loss(model, s, cfg, device, net)
-                    (loss / len(batch) * scale).backward()
-                if scale:
-                    for key, v in parts.items():
-                        sums[key] = sums.get(key, 0.0) + v
-                    sums["n"] = sums.get("n", 0) + 1
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
-            state["step"] += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix(img=f"{sums.get('image', 0) / max(sums.get('n', 1), 1):.2e}")
+def validate_the_start(run: Run, val_items: list) -> None:
+    val = validate(run.model, val_items, run.cfg, run.device, run.rank, run.world)
+    run.state["best"], run.state["best_epoch"], run.state["start_val_loss"] = val["loss"], 0, val["loss"]
+    run.log(f"epoch   0  (the start)  val loss {val['loss']:.3e} psnr {val['psnr']:.2f} dB")
+    if run.main:
+        save(run, run.out, val)
+
+
+def train_one_epoch(run: Run, train_items: list) -> tuple[dict, float]:
+    """One pass over the epoch's order in global batches, one optimizer step each. Returns the
+    sums of this process's loss terms (and their count "n") and the last step's learning rate."""
+    cfg, epoch, world = run.cfg, run.state["epoch"], run.world
+    augment_for = (lambda item: REAL_AUGMENT if is_real(item) else AugmentConfig()) if cfg.augment else (lambda item: NO_AUGMENT)
+    order = epoch_order(train_items, cfg, epoch)
+    batches = [np.arange(i, min(i + cfg.batch, len(order))) for i in range(0, len(order), cfg.batch)]
+    bar = None
+    if run.main and cfg.progress and sys.stderr.isatty():  # a bar in a log file is noise
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+    sums, lr = {}, cfg.lr
+    for batch in batches:
+        run.optimizer.zero_grad(set_to_none=False)
+        # each process takes every world-th sample; DDP averages over processes, so a loss
+        # scaled by world / global batch gives the one-process step
+        mine = [(int(position), world) for j, position in enumerate(batch) if j % world == run.rank]
+        if not mine:  # DDP needs every process in every step: a sample that weighs nothing
+            mine = [(int(batch[0]), 0)]
+        for k, (position, scale) in enumerate(mine):
+            item = train_items[order[position]]
+            rng = np.random.default_rng([cfg.seed, epoch, position])  # a repeated row gets its own draw
+            s = make_sample(item, rng, cfg.crop, cfg.model.downsample, augment_for(item), points=cfg.points)
+            last = k == len(mine) - 1  # gradients are averaged once, after the last sample
+            with run.net.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                loss, parts = sample_loss(run.model, s, cfg, run.device, run.net)
+                (loss / len(batch) * scale).backward()
+            if scale:
+                for key, v in parts.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                sums["n"] = sums.get("n", 0) + 1
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.optimizer.step()
+        run.schedule.step()
+        run.state["step"] += 1
         if bar:
-            bar.close()
-        val = validate(model, val_items, cfg, device, rank, world)
-        state["epoch"] += 1
-        epoch_seconds = time.time() - t_epoch
-        state["elapsed"] = time.time() - start
-        n = max(sums.get("n", 1), 1)
-        record = {"epoch": state["epoch"], "train_image_mse": sums.get("image", 0) / n,
-                  **{f"train_{k}_mse": sums.get(k, 0) / n for k in ("a", "b", "wc", "ww")},
-                  "val_loss": val["loss"], "val_psnr": val["psnr"], "lr": lr,
-                  "seconds": epoch_seconds}
-        state["history"].append(record)
-        improved = val["loss"] < state["best"]
-        if improved:
-            state["best"], state["best_epoch"], state["bad_epochs"] = val["loss"], state["epoch"], 0
-        else:
-            state["bad_epochs"] += 1
-        log(f"epoch {state['epoch']:3d}  train img {record['train_image_mse']:.2e} a {record['train_a_mse']:.2e} "
+            bar.update(1)
+            bar.set_postfix(img=f"{sums.get('image', 0) / max(sums.get('n', 1), 1):.2e}")
+    if bar:
+        bar.close()
+    return sums, lr
+
+
+def record_epoch(run: Run, sums: dict, val: dict, lr: float, seconds: float) -> None:
+    """The epoch's line in the history and the log, the best-so-far bookkeeping, and (rank 0) the
+    checkpoints: W when it is the best, W.last, and W.train-state for --resume."""
+    state = run.state
+    state["epoch"] += 1
+    state["elapsed"] = time.time() - run.started
+    n = max(sums.get("n", 1), 1)
+    record = {"epoch": state["epoch"], "train_image_mse": sums.get("image", 0) / n,
+              **{f"train_{k}_mse": sums.get(k, 0) / n for k in ("a", "b", "wc", "ww")},
+              "val_loss": val["loss"], "val_psnr": val["psnr"], "lr": lr, "seconds": seconds}
+    state["history"].append(record)
+    improved = val["loss"] < state["best"]
+    if improved:
+        state["best"], state["best_epoch"], state["bad_epochs"] = val["loss"], state["epoch"], 0
+    else:
+        state["bad_epochs"] += 1
+    run.log(f"epoch {state['epoch']:3d}  train img {record['train_image_mse']:.2e} a {record['train_a_mse']:.2e} "
             f"b {record['train_b_mse']:.2e} wc {record['train_wc_mse']:.2e} ww {record['train_ww_mse']:.2e}  "
             f"val loss {val['loss']:.3e} psnr {val['psnr']:.2f} dB  lr {record['lr']:.1e}  "
-            f"{epoch_seconds:.0f}s{'  *best' if improved else ''}")
-        if main:
-            if improved:
-                save(out, val)
-            save(out.with_name(out.name + ".last"), val)
-            torch.save({"optimizer": optimizer.state_dict(), "state": state, "train_config": asdict(cfg)},
-                       out.with_name(out.name + ".train-state"))
-        if cfg.stop_after_epochs and state["epoch"] >= cfg.stop_after_epochs and state["epoch"] < cfg.epochs:
-            log(f"stopping after epoch {state['epoch']} as asked; --resume {out} continues")
-            break
-        if state["bad_epochs"] >= cfg.patience:
-            log(f"early stop: no better validation loss for {cfg.patience} epochs")
-            break
-    log(f"done: best val loss {state['best']:.3e} at epoch {state['best_epoch']}, {state['elapsed'] / 60:.1f} min; best -> {out}")
-    if world > 1:
-        torch.distributed.barrier()
-    return state
+            f"{seconds:.0f}s{'  *best' if improved else ''}")
+    if run.main:
+        if improved:
+            save(run, run.out, val)
+        save(run, run.out.with_name(run.out.name + ".last"), val)
+        torch.save({"optimizer": run.optimizer.state_dict(), "state": state, "train_config": asdict(run.cfg)},
+                   run.out.with_name(run.out.name + ".train-state"))
+
+
+def stops_after_this_epoch(run: Run) -> bool:
+    """Stopped as asked (stop_after_epochs, as if interrupted) or early (patience)."""
+    cfg, epoch = run.cfg, run.state["epoch"]
+    if cfg.stop_after_epochs and cfg.stop_after_epochs <= epoch < cfg.epochs:
+        run.log(f"stopping after epoch {epoch} as asked; --resume {run.out} continues")
+        return True
+    if run.state["bad_epochs"] >= cfg.patience:
+        run.log(f"early stop: no better validation loss for {cfg.patience} epochs")
+        return True
+    return False
+
+
+def save(run: Run, path: Path, val: dict) -> str:
+    """A checkpoint of the model with the run's config, position, validation and history in meta."""
+    state = run.state
+    meta = {"train_config": asdict(run.cfg), "epoch": state["epoch"], "step": state["step"], "val": val,
+            "best_val_loss": state["best"], "archive": str(run.cfg.archive), "command": run.command,
+            "world_size": run.world, "history": state["history"]}
+    return save_checkpoint(path, run.model, meta)
