@@ -23,7 +23,7 @@ import pydicom
 
 from benchmarks.stamp import cpu_description, git_commit
 from model import DEFAULT_WEIGHTS
-from tests.helpers import phantom_dataset
+from support.helpers import phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from model import DEFAULT_WEIGHTS
 from model.checkpoint import save_checkpoint
 from model.net import ModelConfig, build_model
 from model.predictor import Predictor
-from tests.helpers import phantom_dataset
+from support.helpers import phantom_dataset
 
 
 def timed(fn, *args, **kwargs):

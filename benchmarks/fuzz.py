@@ -1,4 +1,4 @@
-"""Fuzz, the full scenario: N mutated inputs (tests/fuzz_inputs.py: truncated, flipped header
+"""Fuzz, the full scenario: N mutated inputs (support/fuzz_inputs.py: truncated, flipped header
 bytes, absurd lengths, a wrong transfer syntax in the meta, a non-image class, an empty data set)
 sent raw with pynetdicom to a node with the bundled model and a folder destination; then a valid
 CR. Prints one line:
@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.stamp import cpu_description, git_commit  # noqa: E402
 from dicom_node.writer import is_derived_by_us  # noqa: E402
 from model import DEFAULT_WEIGHTS  # noqa: E402
-from tests.fuzz_inputs import accounted_uids, send_raw, write_mutated_inputs  # noqa: E402
-from tests.node_peers import NodeProcess, copies_with_new_uids, storescu  # noqa: E402
+from support.fuzz_inputs import accounted_uids, send_raw, write_mutated_inputs  # noqa: E402
+from support.node_peers import NodeProcess, copies_with_new_uids, storescu  # noqa: E402
 
 
 def main(argv=None) -> int:

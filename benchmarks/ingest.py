@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.node_peers import (  # noqa: E402
+from support.node_peers import (  # noqa: E402
     DCMTK_ENV, NodeProcess, copies_with_new_uids, free_port, port_open, wait_until,
 )
 
@@ -140,14 +140,14 @@ def main(argv=None) -> None:
 
     import pydicom
 
-    from tests.helpers import make_constant_checkpoint, phantom_dataset
+    from support.helpers import make_constant_checkpoint, phantom_dataset
 
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
         weights, weights_note = args.weights, str(args.weights)
         if not weights.is_file():
             weights = make_constant_checkpoint(work / "constant.pt")
-            weights_note = f"{args.weights} missing: tests.helpers constant checkpoint (same code path, tiny net)"
+            weights_note = f"{args.weights} missing: support.helpers constant checkpoint (same code path, tiny net)"
         source = work / "source.dcm"
         phantom_dataset(rows=args.size, cols=args.size, bits=12, seed=7).save_as(source, enforce_file_format=True)
         files = copies_with_new_uids(source, work / "files", args.n, prefix="cr")

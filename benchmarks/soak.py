@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.stamp import cpu_description, git_commit  # noqa: E402
 from model import DEFAULT_WEIGHTS  # noqa: E402
-from tests.node_peers import DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, wait_until  # noqa: E402
+from support.node_peers import DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, wait_until  # noqa: E402
 
 _SENDING = re.compile(r"Sending file: (.+)$")
 _RESPONSE = re.compile(r"Received Store Response \((\w+)")

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tests.helpers import make_constant_checkpoint
+from support.helpers import make_constant_checkpoint
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools stall ~40 ms per image without it
 

@@ -6,7 +6,7 @@ import torch
 from dicom_node.reader import load_dataset, read_radiograph
 from model.anatomy import find_anatomy_mask
 from model.remap import downsample_image
-from tests.helpers import testdata
+from support.helpers import testdata
 from training.phantoms import make_phantom
 
 

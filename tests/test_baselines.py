@@ -20,7 +20,7 @@ from training.baselines import (
     render,
     render_points,
 )
-from tests.helpers import phantom_radiograph
+from support.helpers import phantom_radiograph
 
 
 def phantom_x(rows=203, cols=157, seed=0) -> torch.Tensor:

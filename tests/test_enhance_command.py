@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from tests.helpers import phantom_dataset, testdata
+from support.helpers import phantom_dataset, testdata
 
 
 @pytest.fixture()

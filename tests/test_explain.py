@@ -15,7 +15,7 @@ from model.anatomy import find_anatomy_mask
 from model.net import MAP_NAMES
 from model.predictor import Predictor
 from model.remap import remap
-from tests.helpers import make_seeded_checkpoint, phantom_dataset, testdata
+from support.helpers import make_seeded_checkpoint, phantom_dataset, testdata
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import PRIVATE_CREATOR, PRIVATE_GROUP
 from model.anatomy import find_anatomy_mask
 from model.remap import SATURATION_REACH, sigmoid_window, window_guard
-from tests.helpers import make_constant_checkpoint, testdata
+from support.helpers import make_constant_checkpoint, testdata
 from training.real_radiographs import burnt_out, viewer_display
 
 

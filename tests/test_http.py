@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
-from tests.node_peers import NodeProcess, free_port, storescu, wait_until
+from support.node_peers import NodeProcess, free_port, storescu, wait_until
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

@@ -120,7 +120,7 @@ def test_mismatched_architecture_is_a_clear_error(tmp_path):
 
 
 def test_predictor_with_constant_maps_computes_the_remap(tmp_path):
-    from tests.helpers import make_constant_checkpoint
+    from support.helpers import make_constant_checkpoint
 
     weights = make_constant_checkpoint(tmp_path / "c.pt", a=0.8, b=0.1, wc=0.4, ww=0.3)
     x = torch.rand(1030, 990).numpy()
@@ -166,7 +166,7 @@ def test_the_untrained_prior_model_is_the_teacher_on_its_input(name):
     from model.anatomy import find_anatomy_mask
     from model.remap import remap
     from model.teacher import teacher_on_input
-    from tests.helpers import testdata
+    from support.helpers import testdata
 
     x = read_radiograph(load_dataset(testdata(name)))
     model = build_model(ModelConfig(parameterisation="prior", width=8)).eval()
@@ -200,7 +200,7 @@ def test_the_untrained_prior_model_shows_a_global_gain_and_offset_of_the_acquisi
 
     from dicom_node.reader import load_dataset, read_radiograph
     from model.remap import remap
-    from tests.helpers import testdata
+    from support.helpers import testdata
 
     x = read_radiograph(load_dataset(testdata("RG1_UNCR.dcm")))
     torch.manual_seed(3)

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.reader import read_radiograph
 from dicom_node.writer import is_derived_by_us
-from tests.node_peers import (
+from support.node_peers import (
     DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, free_port, storescp, storescu, wait_until,
 )
 
@@ -502,7 +502,7 @@ def test_a_connection_that_never_associates_is_dropped_within_seconds(tmp_path, 
 def test_a_cr_the_model_cannot_enhance_is_forwarded_with_the_reason_recorded(
         tmp_path, peers, constant_weights):
     from dicom_node.jobs import JobQueue
-    from tests.helpers import phantom_dataset
+    from support.helpers import phantom_dataset
 
     colour = phantom_dataset(rows=64, cols=64, modality="CR")
     colour.SamplesPerPixel, colour.PhotometricInterpretation, colour.PlanarConfiguration = 3, "RGB", 0
@@ -733,7 +733,7 @@ def test_serve_takes_host_port_and_log_level_from_the_command_line(tmp_path, con
     import signal
     import sys
 
-    from tests.node_peers import REPO, port_open
+    from support.node_peers import REPO, port_open
 
     node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(tmp_path / "o")}])
     port = free_port()

@@ -26,7 +26,7 @@ from dicom_node.parametric_map import (
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import ModelStamp, is_derived_by_us
 from model.remap import remap
-from tests.helpers import make_seeded_checkpoint, phantom_dataset, testdata
+from support.helpers import make_seeded_checkpoint, phantom_dataset, testdata
 
 
 @pytest.fixture(scope="module")

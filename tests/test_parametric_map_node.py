@@ -13,8 +13,8 @@ from dicom_node.parametric_map import MAP_NAMES, PARAMETRIC_MAP_STORAGE, read_pa
 from dicom_node.reader import read_radiograph
 from model.predictor import Predictor
 from model.remap import remap
-from tests.helpers import make_seeded_checkpoint, testdata
-from tests.node_peers import NodeProcess, Orthanc, storescu, wait_until
+from support.helpers import make_seeded_checkpoint, testdata
+from support.node_peers import NodeProcess, Orthanc, storescu, wait_until
 
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from dicom_node.errors import UnsupportedImage
 from dicom_node.reader import decode_pixels, load_dataset, read_radiograph
-from tests.helpers import phantom_dataset, testdata
+from support.helpers import phantom_dataset, testdata
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 needs_dcmtk = pytest.mark.skipif(shutil.which("dcmcjpeg") is None and not os.environ.get("CI"), reason="DCMTK not installed (.ci/run installs it)")

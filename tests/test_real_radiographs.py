@@ -11,7 +11,7 @@ import pytest
 from dicom_node.enhancer import Enhancer
 from dicom_node.reader import load_dataset
 from model import DEFAULT_WEIGHTS
-from tests.helpers import testdata
+from support.helpers import testdata
 from training.real_radiographs import classical_methods, enhancer_method, measure, variants
 
 IMAGES = ("RG1_UNCR", "RG3_UNCR")

@@ -10,8 +10,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_node.writer import is_derived_by_us
-from tests.fuzz_inputs import KINDS, accounted_uids, send_raw, write_mutated_inputs
-from tests.node_peers import NodeProcess, copies_with_new_uids, storescu
+from support.fuzz_inputs import KINDS, accounted_uids, send_raw, write_mutated_inputs
+from support.node_peers import NodeProcess, copies_with_new_uids, storescu
 
 pytestmark = pytest.mark.reliability
 

@@ -16,7 +16,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
-from tests.node_peers import NodeProcess, free_port, storescp, storescu
+from support.node_peers import NodeProcess, free_port, storescp, storescu
 
 TOKEN = "correct horse battery staple"
 

@@ -5,7 +5,7 @@ from matplotlib.image import imread
 
 from benchmarks.figures import detail_crop, figure3, figure4
 from benchmarks.report import METHODS, PAPER, Row, mean_rows, render_seeds_table, render_table, target_checks
-from tests.helpers import phantom_radiograph
+from support.helpers import phantom_radiograph
 
 META = {"mode": "quick", "command": "python -m benchmarks.table1 --quick", "archive": "synthetic, seed 0",
         "test_images": 4, "training": "20 steps", "cpu": "2-core CPU", "gpu": None,

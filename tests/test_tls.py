@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.node_peers import DCMTK_ENV, NodeProcess, free_port, port_open, storescu, wait_until
+from support.node_peers import DCMTK_ENV, NodeProcess, free_port, port_open, storescu, wait_until
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 

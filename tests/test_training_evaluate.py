@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_constant_checkpoint
+from support.helpers import make_constant_checkpoint
 from training.evaluate import METHODS, evaluate
 from training.synth import synthesise
 

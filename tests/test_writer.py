@@ -13,7 +13,7 @@ from pydicom.pixels import apply_voi_lut
 from dicom_node.enhancer import Enhancer
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import DX_FOR_PRESENTATION, ModelStamp, derive_instance, is_derived_by_us
-from tests.helpers import make_constant_checkpoint, phantom_dataset, testdata
+from support.helpers import make_constant_checkpoint, phantom_dataset, testdata
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 A, B, WC, WW = 1.2, -0.1, 0.45, 0.3
