@@ -126,13 +126,40 @@ def restart_delay(restarts: int) -> float:
     return min(30.0, 2.0 ** restarts)
 
 
+class ProcessFlag:
+    """multiprocessing.Event's set / clear / is_set / wait, kept on a semaphore, so that set()
+    never blocks. An Event's set() waits for every process asleep in its wait() to wake up; a
+    worker killed there (kill -9, the OOM killer) never does, and the SCP's next set() would
+    hang its association, and every later one, forever. A semaphore's release waits for no one."""
+
+    def __init__(self, context):
+        self._semaphore = context.Semaphore(0)
+
+    def set(self) -> None:
+        if not self.is_set():
+            self._semaphore.release()
+
+    def clear(self) -> None:
+        while self._semaphore.acquire(False):
+            pass
+
+    def is_set(self) -> bool:
+        return self.wait(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._semaphore.acquire(True, timeout):
+            self._semaphore.release()  # it stays set until cleared
+            return True
+        return False
+
+
 class Node:
     def __init__(self, config: Config):
         self.config = config
         self.stopping = threading.Event()
         self._mp = multiprocessing.get_context("spawn")
-        self.wake = self._mp.Event()
-        self.stop_worker = self._mp.Event()
+        self.wake = ProcessFlag(self._mp)  # the worker sleeps on both: it may be killed there
+        self.stop_worker = ProcessFlag(self._mp)
         self.audit_queue = self._mp.Queue() if config.logging.audit else None
         self.worker: multiprocessing.Process | None = None
 
