@@ -65,8 +65,12 @@ def test_quick_table_generator_writes_every_row_and_both_figures(tmp_path):
              if line.startswith("| ") and not line.startswith("| Method")]
     assert names == list(METHODS.values())
     assert len(learned_rows(TINY.width, TINY.levels)) == 7
-    for name in ("fig3.png", "fig4.png", "table1.json"):
-        assert (run.out / name).stat().st_size > 1000
+    measured = json.loads((run.out / "table1.json").read_text())
+    assert sorted(row["key"] for row in measured["rows"]) == sorted(METHODS)  # every row measured
+    assert all(math.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1 for row in measured["rows"])
+    for name in ("fig3.png", "fig4.png"):
+        figure = imread(run.out / name)
+        assert figure.shape[0] > 100 and figure[..., :3].std() > 0.05  # drawn, not blank
     assert imread(run.out / "fig3.png").shape[1] > imread(run.out / "fig3.png").shape[0]  # two bands of six panels, wider than tall
     assert "Targets (issue 6)" in table and "Quick-mode numbers" in table
     # the checkpoints are reused by a second run with the same settings (an interrupted full run resumes)

@@ -328,6 +328,32 @@ def test_the_robust_image_term_is_the_mse_where_small_and_grows_slowly_beyond_it
     assert float(robust(large, 0.0)) == pytest.approx(0.1)
 
 
+def test_a_target_carrying_a_sigmoid_window_is_read_through_that_window(tiny_archive, tmp_path):
+    """A target whose VOI LUT Function is SIGMOID (PS3.3 C.11.2.1.3.1) holds y; its window tags
+    give wc, ww, and z is y under that window (not a window guessed from the pixels)."""
+    from training.synth import radiograph_dataset
+
+    rows = _copy_archive(tiny_archive, tmp_path / "a")
+    with_params = Archive(tiny_archive, 8, cache=tmp_path / "c0")
+    x = np.asarray(with_params.item(with_params.rows[0]).x, np.float32)
+    y = np.clip(0.8 * x + 0.1, 0, 1)
+    ds = radiograph_dataset(y, bits=16, photometric="MONOCHROME2", modality="CR", uid_key="sigmoid-target")
+    ds.VOILUTFunction, ds.WindowCenter, ds.WindowWidth = "SIGMOID", 0.45 * 65535, 0.5 * 65535
+    ds.save_as(tmp_path / "a" / "target0.dcm", enforce_file_format=True)
+    rows[0]["target"], rows[0]["params"] = "target0.dcm", ""
+    _write_manifest(tmp_path / "a", rows)
+
+    item = Archive(tmp_path / "a", 8, cache=tmp_path / "c1").item(Archive(tmp_path / "a", 8).rows[0])
+    _, maps = item.low()
+    assert maps[2] == pytest.approx(0.45, abs=1e-6) and maps[3] == pytest.approx(0.5, abs=1e-6)
+    y_stored = np.rint(y * 65535) / 65535
+    z = 1 / (1 + np.exp(-4 * (y_stored - 0.45) / 0.5))
+    assert np.abs(np.asarray(item.z, np.float32) - z).max() < 2e-3  # float16 cache
+    # the fitted maps reproduce it through the remap (y = 0.8 x + 0.1 is what they found)
+    z_fit = remap(torch.from_numpy(x), *torch.from_numpy(maps)[:, None, None].unbind(0), downsample=8).z.numpy()
+    assert -10 * np.log10(np.mean((z_fit - z) ** 2)) > 35
+    assert np.median(maps[0]) == pytest.approx(0.8, abs=0.05) and np.median(maps[1]) == pytest.approx(0.1, abs=0.05)
+
 def test_a_synthetic_dx_is_labelled_for_processing_as_its_sop_class_says():
     """DX For Processing (PS3.3 C.8.11.1.1.1): Presentation Intent Type must say FOR PROCESSING."""
     from pydicom.uid import DigitalXRayImageStorageForProcessing

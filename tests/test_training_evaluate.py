@@ -1,11 +1,13 @@
 """`dicom-node evaluate` and the bundled default model (issue 4)."""
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
 import pytest
 
+from model.checkpoint import load_checkpoint
 from support.helpers import make_constant_checkpoint
 from training.evaluate import METHODS, evaluate
 from training.synth import synthesise
@@ -76,15 +78,26 @@ def test_synth_train_evaluate_through_the_cli(tmp_path):
     r = runner.invoke(main, ["synth", "--out", str(arch), "--n", "4", "--seed", "3", "--perturbations", "2",
                              "--max-size", "320", "--no-real"])
     assert r.exit_code == 0, r.output
-    assert (arch / "manifest.csv").is_file()
+    with open(arch / "manifest.csv") as f:
+        manifest = list(csv.DictReader(f))
+    assert len(manifest) == 4 * 2 and all((arch / row["raw"]).is_file() for row in manifest)  # 4 anatomies x 2
     assert "\r" not in r.output  # no progress line piled up in a pipe or a log
     r = runner.invoke(main, ["train", "--archive", str(arch), "--out", str(weights), "--epochs", "2", "--width", "4", "--downsample", "4",
                              "--crop", "64", "--threads", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "epoch   2" in r.output and weights.is_file()
+    assert "epoch   2" in r.output
+    trained = load_checkpoint(weights)
+    assert (trained.config.width, trained.config.downsample) == (4, 4) and trained.meta["epoch"] <= 2
     r = runner.invoke(main, ["evaluate", "--archive", str(arch), "--weights", str(weights), "--csv", str(tmp_path / "e.csv")])
     assert r.exit_code == 0, r.output
-    assert "B: teacher on input" in r.output and (tmp_path / "e.csv").is_file()
+    assert "B: teacher on input" in r.output
+    with open(tmp_path / "e.csv") as f:
+        scored = list(csv.DictReader(f))
+    test_rows = [row for row in manifest if row["split"] == "test"]
+    methods = {"model", "model + guard", "A: percentile window", "B: teacher on input"}
+    assert {row["method"] for row in scored} == methods and len(scored) == len(methods) * len(test_rows)
+    assert {row["id"] for row in scored} == {row["id"] for row in test_rows}
+    assert all(float(row["psnr"]) > 5 and 0 < float(row["ssim"]) <= 1 for row in scored)
     assert "\r" not in r.output
 
 

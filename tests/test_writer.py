@@ -88,11 +88,19 @@ def test_burn_in_mode_stores_z_with_a_full_range_linear_window(weights, chest, t
 def test_dcmtk_renders_the_output(weights, chest, tmp_path):
     if shutil.which("dcmj2pnm") is None and not os.environ.get("CI"):
         pytest.skip("DCMTK not installed (.ci/run installs it)")
-    Enhancer(weights, "cpu", "voi").enhance(chest).save_as(tmp_path / "out.dcm", enforce_file_format=True)
+    from matplotlib.pyplot import imread
+
+    derived = Enhancer(weights, "cpu", "voi").enhance(chest)
+    derived.save_as(tmp_path / "out.dcm", enforce_file_format=True)
     result = subprocess.run(["dcmj2pnm", "+Wi", "1", "+on", str(tmp_path / "out.dcm"), str(tmp_path / "out.png")],
                             env=DCMTK_ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out.png").stat().st_size > 10_000
+    # DCMTK shows the stored y under the file's SIGMOID window: the presentation z, to one 8-bit step
+    shown = imread(tmp_path / "out.png")
+    y = derived.pixel_array / 65535.0
+    wc, ww = float(derived.WindowCenter) / 65535, float(derived.WindowWidth) / 65535
+    assert shown.shape == y.shape
+    assert np.abs(shown - 1 / (1 + np.exp(-4 * (y - wc) / ww))).max() <= 1.5 / 255
 
 
 def _dciodvfy_errors(path) -> set[str]:
