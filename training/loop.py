@@ -323,7 +323,8 @@ def validate_the_start(run: Run, val_items: list) -> None:
 
 def train_one_epoch(run: Run, train_items: list) -> tuple[dict, float]:
     """One pass over the epoch's order in global batches, one optimizer step each. Returns the
-    sums of this process's loss terms (and their count "n") and the last step's learning rate."""
+    sums of the loss terms over every process (and their count "n") and the last step's
+    learning rate."""
     cfg, epoch, world = run.cfg, run.state["epoch"], run.world
     augment_for = (lambda item: REAL_AUGMENT if is_real(item) else AugmentConfig()) if cfg.augment else (lambda item: NO_AUGMENT)
     order = epoch_order(train_items, cfg, epoch)
@@ -362,6 +363,11 @@ def train_one_epoch(run: Run, train_items: list) -> tuple[dict, float]:
             bar.set_postfix(img=f"{sums.get('image', 0) / max(sums.get('n', 1), 1):.2e}")
     if bar:
         bar.close()
+    if world > 1:  # the history reports the whole global batch, not rank 0's share of it
+        keys = ("n", "image", "a", "b", "wc", "ww")
+        totals = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        sums = {k: v for k, v in zip(keys, totals.tolist()) if k in sums or v}
     return sums, lr
 
 
