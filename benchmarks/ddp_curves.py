@@ -30,6 +30,11 @@ def train_args(archive: Path, out: Path, epochs: int) -> list[str]:
             "--no-progress", "--device", "cpu"]
 
 
+def shown(path: Path) -> Path:
+    """The path as the results file shows it: relative to the repository when inside it."""
+    return path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+
+
 def run(command: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -83,7 +88,7 @@ def main(argv=None) -> None:
     lines = [
         f"commit {git_commit()}, {cpu_description()}",
         f"command: .venv/bin/python -m benchmarks.ddp_curves --epochs {args.epochs}",
-        f"  1 process:   dicom-node train {shlex.join(train_args(archive, one, args.epochs))}",
+        f"  1 process:   dicom-node train {shlex.join(train_args(shown(archive), shown(one), args.epochs))}",
         f"  2 processes: torchrun --standalone --nproc_per_node 2 -m cli train (the same options)",
         "epoch  train_mse(1)  train_mse(2)  val_loss(1)  val_loss(2)",
         *(f"{x['epoch']:5d}  {x['train_image_mse']:.4e}    {y['train_image_mse']:.4e}    "
