@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         f"commit {git_commit()}, {cpu_description()}",
         f"command: .venv/bin/python -m benchmarks.ddp_curves --epochs {args.epochs}",
         f"  1 process:   dicom-node train {shlex.join(train_args(shown(archive), shown(one), args.epochs))}",
-        f"  2 processes: torchrun --standalone --nproc_per_node 2 -m cli train (the same options)",
+        "  2 processes: torchrun --standalone --nproc_per_node 2 -m cli train (the same options)",
         "epoch  train_mse(1)  train_mse(2)  val_loss(1)  val_loss(2)",
         *(f"{x['epoch']:5d}  {x['train_image_mse']:.4e}    {y['train_image_mse']:.4e}    "
           f"{x['val_loss']:.4e}   {y['val_loss']:.4e}" for x, y in zip(a, b)),

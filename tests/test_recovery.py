@@ -65,14 +65,6 @@ def test_adopting_orphans_queues_unknown_files_deletes_done_ones_and_quarantines
     assert (reason.parent / torn.name).read_bytes() == b"torn " * 50 and not torn.exists()
 
 
-@pytest.fixture
-def peers():
-    started = []
-    yield started
-    for peer in reversed(started):
-        peer.stop()
-
-
 @pytest.mark.timeout(90)
 def test_with_forward_original_off_only_the_derived_instance_of_an_enhanced_image_is_sent(
         tmp_path, peers, constant_weights):
