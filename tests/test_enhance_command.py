@@ -73,7 +73,7 @@ def test_enhance_all_good_exits_zero_in_burn_in_mode(tmp_path, constant_weights)
 def test_a_corrupt_checkpoint_is_one_line_not_a_traceback(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    process = subprocess.run([sys.executable, "-m", "dicom_node", "enhance", str(testdata("RG3_UNCR.dcm")),
+    process = subprocess.run([sys.executable, "-m", "cli", "enhance", str(testdata("RG3_UNCR.dcm")),
                               "--out", str(tmp_path / "out"), "--weights", str(bad)], capture_output=True, text=True)
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
