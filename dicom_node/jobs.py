@@ -1,4 +1,10 @@
-"""The job queue: one SQLite database in the spool (WAL, synchronous=FULL).
+"""The job queue: one SQLite database in the spool (WAL).
+
+Commits are fsynced (synchronous=FULL), except where the caller says a lost commit can be
+rebuilt: the node process records each received instance with synchronous=NORMAL, because
+its file is already durable in incoming/ and the start-up reconciliation (node.adopt_orphans)
+queues any received file whose job a power cut took. A crash of the process alone (kill -9)
+loses no commit in either mode; only the machine's own crash can.
 
 A job is one received instance. States::
 
@@ -14,6 +20,7 @@ Connections are per thread: the SCP's association threads each write their own j
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATES = ("received", "processing", "done", "failed")
+SYNCHRONOUS = ("FULL", "NORMAL")  # SQLite's PRAGMA synchronous values we use (see the module note)
 
 
 def iso_utc(ts: float | None) -> str | None:
@@ -91,9 +99,12 @@ class Job:
 class JobQueue:
     """The queue database; safe to use from several threads and processes."""
 
-    def __init__(self, path: str | Path, readonly: bool = False):
+    def __init__(self, path: str | Path, readonly: bool = False, synchronous: str = "FULL"):
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
         self.path = Path(path)
         self.readonly = readonly
+        self.synchronous = synchronous
         self._local = threading.local()
         if not readonly:
             with self._conn() as conn:
@@ -107,7 +118,7 @@ class JobQueue:
             else:
                 conn = sqlite3.connect(self.path, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
@@ -116,6 +127,18 @@ class JobQueue:
         """None when SQLite's quick check passes, else what it found."""
         rows = [r[0] for r in self._conn().execute("PRAGMA quick_check").fetchall()]
         return None if rows == ["ok"] else "; ".join(rows[:5])
+
+    def sync(self) -> None:
+        """fsync the write-ahead log, so that every commit made so far survives a power cut
+        (with synchronous=NORMAL a commit alone survives only a crash of the process)."""
+        try:
+            fd = os.open(self.path.with_name(self.path.name + "-wal"), os.O_RDONLY)
+        except FileNotFoundError:  # no log: every commit is in the database file, synced by its checkpoint
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -127,7 +150,8 @@ class JobQueue:
 
     def add(self, sop_instance_uid: str, sop_class_uid: str, path: Path,
             calling_aet: str = "", association: str = "") -> tuple[int, list[Path]]:
-        """Record a received instance; committed (durable) when this returns.
+        """Record a received instance; committed when this returns (durable with synchronous=FULL;
+        with NORMAL after `sync`, or rebuilt from its file at start).
 
         An older copy of the same SOP Instance that is still waiting (not yet claimed) is
         superseded by this one, so one instance is never delivered with two contents.

@@ -32,12 +32,15 @@ log = structlog.get_logger("dicom_node.node")
 DRAIN_SECONDS = 15      # how long in-progress associations may take after a stop request
 WORKER_STOP_SECONDS = 25  # how long the worker may take to finish its batch
 WORKER_HEALTHY_SECONDS = 60  # a worker that ran this long before exiting restarts without back-off
+NODE_SYNCHRONOUS = "NORMAL"  # the node process only records received files (see open_queue)
 
 
 def adopt_orphans(spool: Spool, queue: JobQueue) -> int:
-    """Files fully written to incoming/ whose job was never recorded (a crash between the
-    rename and the commit; the sender was not answered) are queued rather than lost.
-    Files of jobs already done (a crash between the commit and the delete) are deleted."""
+    """Files fully written to incoming/ whose job is not in the queue are queued rather than
+    lost: a crash between the rename and the commit (the sender was not answered), or a power
+    cut that took commits the node made without fsync (answered: the file is the journal, see
+    `open_queue`). Files of jobs already done (a crash between the commit and the delete) are
+    deleted."""
     known = queue.known_paths()
     adopted = 0
     for path in spool.received_files():
@@ -62,9 +65,13 @@ def open_queue(spool: Spool) -> JobQueue:
     """The spool's queue. A database SQLite cannot read (a torn disk, a foreign file) is moved to
     quarantine/ with the reason, with the derived files its job ids named, and a new queue is
     made; `adopt_orphans` then queues every received file again, so nothing acknowledged is
-    lost (an image already delivered may be sent again, with the same UIDs)."""
+    lost (an image already delivered may be sent again, with the same UIDs).
+
+    The node's queue commits with synchronous=NORMAL: each job it records has its file fsynced
+    in incoming/ before it answers, so the one fsync per image that matters is the file's (and
+    its folder's); a job lost with the machine is rebuilt by `adopt_orphans`."""
     try:
-        queue = JobQueue(spool.db_path)
+        queue = JobQueue(spool.db_path, synchronous=NODE_SYNCHRONOUS)
         problem = queue.integrity_problem()
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
@@ -80,7 +87,7 @@ def open_queue(spool: Spool) -> JobQueue:
     folder = spool.quarantine(stale, f"the job queue {db.name} could not be read: {problem}\n"
                                      "a new queue was made; the files in incoming/ were queued again")
     log.error("job queue unreadable, quarantined; a new one is made", quarantine=str(folder), problem=problem)
-    return JobQueue(spool.db_path)
+    return JobQueue(spool.db_path, synchronous=NODE_SYNCHRONOUS)
 
 
 def check_ready(config: Config) -> None:

@@ -88,13 +88,17 @@ class StoreHandler:
             path = job_id = None
             try:
                 data = _file_writer(event)
-                # file: tmp + fsync + rename; job: SQLite commit (fsync); then the folder
-                # fsync that makes the rename durable. All of it before we answer.
+                # file: tmp + fsync + rename; job: SQLite commit; then the folder fsync that
+                # makes the rename durable. All of it before we answer. The commit is not
+                # fsynced (the node's queue is synchronous=NORMAL): the durable file is the
+                # journal, and a job a power cut took is rebuilt from it at start.
                 path = self.spool.store_received(data, sop_uid, sync_dir=False)
                 job_id, superseded = self.queue.add(
                     sop_uid, str(request.AffectedSOPClassUID), path,
                     calling_aet=event.assoc.requestor.ae_title, association=association)
                 self.spool.sync_incoming()
+                if superseded:  # the older copy's file goes only once its job is durably done
+                    self.queue.sync()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
                 self._discard_uncommitted(path, job_id)

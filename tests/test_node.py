@@ -193,6 +193,45 @@ def test_kill_9_mid_stream_every_acknowledged_image_arrives_exactly_once(tmp_pat
     assert node.status()["counts"]["failed"] == 0
 
 
+@pytest.mark.reliability
+@pytest.mark.timeout(120)
+def test_acknowledged_images_whose_jobs_a_power_cut_took_are_queued_again_at_start(tmp_path, peers, constant_weights):
+    import sqlite3
+
+    from dicom_node.config import NodeSettings
+    from dicom_node.node import open_queue
+    from dicom_node.scp import start_scp
+    from dicom_node.spool import Spool
+
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}])
+    files = copies_with_new_uids(sample("CT_small.dcm"), tmp_path / "sent", 3)
+    # received and answered by the node's own SCP and queue, with no worker to take the jobs yet
+    spool = Spool(node.spool).create()
+    queue = open_queue(spool)
+    settings = NodeSettings(port=free_port())
+    ae, server = start_scp(settings, spool, queue)
+    try:
+        sent = storescu(files, settings.port)
+    finally:
+        server.shutdown()
+        ae.shutdown()
+        queue.close()
+    assert sent.stderr.count("Received Store Response (Success)") == 3, sent.stderr
+    # the node commits its jobs without fsync: a power cut can take them (here: every one)
+    with sqlite3.connect(spool.db_path) as db:
+        db.execute("DELETE FROM jobs")
+
+    start(peers, node)
+    node.wait_drained(expected_done=3)
+
+    arrived = sorted(outbox.rglob("*.dcm"))
+    assert sorted(uid_of(p) for p in arrived) == sorted(uid_of(p) for p in files)
+    by_uid = {uid_of(p): pydicom.dcmread(p) for p in files}
+    assert all(pydicom.dcmread(p).PixelData == by_uid[uid_of(p)].PixelData for p in arrived)
+    assert node.status()["counts"] == {"received": 0, "processing": 0, "done": 3, "failed": 0}
+
+
 @pytest.mark.timeout(120)
 def test_truncated_file_mid_stream_ends_in_failed_with_reason_and_node_keeps_serving(
         tmp_path, peers, constant_weights):

@@ -157,6 +157,19 @@ def test_jobs_left_in_processing_are_resumed(tmp_path):
     assert [j.id for j in queue.claim(10)] == [job_id]
 
 
+def test_the_node_queue_commits_without_fsync_and_syncs_on_request(tmp_path):
+    from dicom_node.jobs import JobQueue
+
+    with pytest.raises(ValueError, match="synchronous must be one of FULL, NORMAL, not 'OFF'"):
+        JobQueue(tmp_path / "queue.sqlite3", synchronous="OFF")
+    queue = JobQueue(tmp_path / "queue.sqlite3", synchronous="NORMAL")
+    assert queue._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert JobQueue(tmp_path / "queue.sqlite3")._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    job_id, _ = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", tmp_path / "a.dcm")
+    queue.sync()
+    assert [j.id for j in JobQueue(tmp_path / "queue.sqlite3", readonly=True).jobs("received")] == [job_id]
+
+
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     bad = tmp_path / "config.toml"
     bad.write_bytes(b"[node]\nae_title = \"\xff\xfe\"\n")
