@@ -8,6 +8,7 @@ the model (this module must not import torch) and never raises into the associat
 from __future__ import annotations
 
 import sqlite3
+import struct
 import time
 from collections.abc import Callable
 
@@ -18,8 +19,7 @@ from pydicom.uid import (
     JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
     HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL,
 )
-from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
@@ -49,11 +49,37 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The File Meta Information group (PS3.10 section 7.1), Explicit VR Little Endian, as
+    pynetdicom's `encode_file_meta(event.file_meta)` encodes it (the same bytes, tested) but
+    without building and validating a pydicom dataset for every image (0.35 ms of 7)."""
+    def element(number: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":  # PS3.5 7.1.2: 2 reserved bytes and a 32-bit length
+            return struct.pack("<HH2s2xI", 0x0002, number, vr, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, number, vr, len(value)) + value
+
+    def text(value: str, pad: bytes) -> bytes:  # PS3.5 6.2: even length; UI pads with NUL
+        encoded = (value or "").encode("latin-1")  # pydicom's default character set; None: empty
+        return encoded + pad * (len(encoded) % 2)
+
+    group = b"".join([
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", text(sop_class_uid, b"\0")),
+        element(0x0003, b"UI", text(sop_instance_uid, b"\0")),
+        element(0x0010, b"UI", text(transfer_syntax, b"\0")),
+        element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ])
+    return element(0x0000, b"UL", struct.pack("<I", len(group))) + group
+
+
 def _file_writer(event: evt.Event):
     """Writes what `event.encoded_dataset()` returns (preamble, file meta, the dataset as
     received) without first joining a copy of the whole dataset in memory."""
-    head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-    stream = event.request.DataSet
+    request = event.request
+    head = b"\x00" * 128 + b"DICM" + file_meta_bytes(
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
+    stream = request.DataSet
 
     def write(f) -> None:
         f.write(head)

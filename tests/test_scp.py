@@ -39,3 +39,17 @@ def test_the_pdu_socket_returns_what_pynetdicoms_socket_returns():
     assert ours == received_by(AssociationSocket)
     assert [bytes(part) for part in ours] == [PAYLOAD[:6], PAYLOAD[6:-4], b"tail"]  # the last one short: closed
     assert all(type(part) is bytearray for part in ours)
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.1" + "0" * 36])
+def test_the_file_meta_is_encoded_as_pynetdicom_encodes_it(sop_instance_uid):
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_node.scp import TRANSFER_SYNTAXES, file_meta_bytes
+
+    for sop_class_uid in ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.12.1"):  # even, odd
+        for syntax in TRANSFER_SYNTAXES:
+            expected = encode_file_meta(create_file_meta(
+                sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID(sop_instance_uid), transfer_syntax=syntax))
+            assert file_meta_bytes(sop_class_uid, sop_instance_uid, syntax) == expected, (sop_class_uid, syntax)
