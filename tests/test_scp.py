@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
-from dicom_node.scp import PduSocket
+from dicom_node.scp import PduSocket, start_scp
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and 4 bytes
 
@@ -53,3 +54,44 @@ def test_the_file_meta_is_encoded_as_pynetdicom_encodes_it(sop_instance_uid):
             expected = encode_file_meta(create_file_meta(
                 sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID(sop_instance_uid), transfer_syntax=syntax))
             assert file_meta_bytes(sop_class_uid, sop_instance_uid, syntax) == expected, (sop_class_uid, syntax)
+
+
+def dataset_bytes(path) -> bytes:
+    """What follows the File Meta Information (PS3.10 7.1: preamble, DICM, then the group whose
+    first element, (0002,0000) UL, gives its length)."""
+    data = Path(path).read_bytes()
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length:]
+
+
+@pytest.mark.timeout(60)
+def test_a_second_copy_of_a_waiting_instance_replaces_the_first_in_the_spool(tmp_path):
+    import pydicom
+
+    from dicom_node.config import NodeSettings
+    from dicom_node.node import open_queue
+    from dicom_node.spool import Spool
+    from support.helpers import phantom_dataset
+    from support.node_peers import free_port, storescu
+
+    sent = tmp_path / "cr.dcm"
+    phantom_dataset(rows=64, cols=48, bits=12, seed=3).save_as(sent, enforce_file_format=True)
+    spool = Spool(tmp_path / "spool").create()
+    queue = open_queue(spool)
+    settings = NodeSettings(port=free_port())
+    ae, server = start_scp(settings, spool, queue)
+    try:
+        first = storescu([sent], settings.port)
+        second = storescu([sent], settings.port)
+    finally:
+        server.shutdown()
+        ae.shutdown()
+    assert "Received Store Response (Success)" in first.stderr and "(Success)" in second.stderr
+
+    (kept,) = spool.received_files()  # the first copy's file is gone
+    (waiting,) = queue.jobs("received")
+    (superseded,) = queue.jobs("done")
+    assert waiting.path == kept and "superseded" in superseded.last_error
+    assert dataset_bytes(kept) == dataset_bytes(sent)  # the data set exactly as sent
+    assert pydicom.dcmread(kept).file_meta.MediaStorageSOPInstanceUID == pydicom.dcmread(sent).SOPInstanceUID
+    queue.close()
