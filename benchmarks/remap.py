@@ -1,6 +1,6 @@
 """The remap as the node runs it, against a numpy copy measured in the same run.
 
-    .venv/bin/python -m benchmarks.remap [--rows 2500 --cols 2000] [--repeats 15] [--threads N]
+    .venv/bin/python -m benchmarks.remap [--rows 2500 --cols 2000] [--repeats 30] [--threads N] [--compare]
 
 A 2500x2000 uint16 radiograph (12 bits stored) is normalised by the node's reader, the maps
 come from the shipped model at /8 (predicted once, outside the timing), and what is timed is
@@ -43,9 +43,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--cols", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the torch fallback the fused kernel replaced, in the same rounds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,17 +59,29 @@ def main(argv=None) -> int:
     xt = predictor.pre_process(x)
     maps = predictor.predict(xt)
 
-    times = timed_in_turn({
+    from model import remap as remap_module
+
+    def with_torch_bands(want_z: bool):  # the lever's "before": the separable torch path it replaced
+        state = list(remap_module._numba_state)
+        remap_module._numba_state[:] = [False]
+        try:
+            predictor.post_process(xt, maps, want_z=want_z)
+        finally:
+            remap_module._numba_state[:] = state
+
+    fns = {
         "numpy copy, uint16 stored pixels": stored.copy,
         "numpy copy, float32 x": x.copy,
         "remap voi (y)": lambda: predictor.post_process(xt, maps, want_z=False),
         "remap burn-in (y and z)": lambda: predictor.post_process(xt, maps, want_z=True),
-    }, args.repeats)
+    }
+    if args.compare and remap_module._fused_available():
+        fns["remap voi, torch bands"] = lambda: with_torch_bands(False)
+        fns["remap burn-in, torch bands"] = lambda: with_torch_bands(True)
+    times = timed_in_turn(fns, args.repeats)
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     copy32, copy16 = "numpy copy, float32 x", "numpy copy, uint16 stored pixels"
-
-    from model import remap as remap_module
 
     print(f"remap benchmark: commit {git_commit()}; {cpu_description()}")
     print(f"  {args.rows}x{args.cols} uint16 (12 bits stored); maps at /{predictor.checkpoint.config.downsample}; "
