@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     print(f"  enhance, one image               {t_one * 1e3:8.1f} ms   ({ratio}paper: 26 ms on an A100)")
     for n in args.batch:
         batch = images[:n]
-        t = statistics.median(timed(lambda: [p.y.cpu() for p in predictor.enhance_batch(batch, want_z=False)],
+        t = statistics.median(timed(lambda batch=batch: [p.y.cpu() for p in predictor.enhance_batch(batch, want_z=False)],
                                     device, max(3, args.repeats // max(1, n // 4))))
         print(f"  batch of {n:<3}                     {t / n * 1e3:8.1f} ms/image   {n / t:7.1f} images/s")
     if device.type == "cuda":

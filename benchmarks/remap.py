@@ -16,7 +16,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.stamp import cpu_description, git_commit

@@ -399,8 +399,8 @@ def adopt_unconfigured_slots(worker: Worker) -> None:
     before) go back to the queue, each once its old process (if any) has let go of the slot."""
     for slot in sorted(worker.queue.processing_slots()):
         if slot >= worker.config.worker.processes:
-            worker.spool.lock_worker(lambda: log.warning("waiting for an old worker to finish its batch", slot=slot),
-                                     slot=slot)
+            worker.spool.lock_worker(lambda slot=slot: log.warning("waiting for an old worker to finish its batch",
+                                                                   slot=slot), slot=slot)
             count = worker.queue.resume(worker=slot)
             worker.spool.unlock_worker(slot)
             log.info("jobs of a worker slot no longer configured are back in the queue", slot=slot, count=count)

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 _ZERO, _HALF, _ONE, _FOUR = np.float32(0), np.float32(0.5), np.float32(1), np.float32(4)
-_OPTIONS = dict(nogil=True, cache=True, error_model="numpy")
+_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
 @numba.njit(**_OPTIONS)

@@ -22,24 +22,28 @@ from tests.node_peers import NodeProcess, copies_with_new_uids, storescu, wait_u
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _claimer(db: str, out: str, slot: int, share: int) -> None:
+def _claimer(db: str, out: str, slot: int, share: int, start) -> None:
     """Claims until the queue is empty, writing each claimed job id on its own line."""
     queue = JobQueue(db)
+    start.wait(60)  # all the processes ready: they claim at the same time
     with open(out, "w") as f:
         empty = 0
         while empty < 20:
             jobs = queue.claim(3, worker=slot, share=share)
             empty = 0 if jobs else empty + 1
-            for job in jobs:
-                f.write(f"{job.id}\n")
+            f.writelines(f"{job.id}\n" for job in jobs)
             f.flush()
+            time.sleep(0.005)  # the work a worker does between claims (SQLite's lock is not fair: a
+            # process that claims again at once can keep the others waiting in their busy back-off)
 
 
 def test_claims_from_several_processes_never_take_a_job_twice(tmp_path):
     queue = JobQueue(tmp_path / "queue.sqlite3")
     ids = {queue.add(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.7", tmp_path / f"{i}.dcm")[0] for i in range(600)}
     outs = [tmp_path / f"claimed-{slot}.txt" for slot in range(4)]
-    procs = [SPAWN.Process(target=_claimer, args=(str(queue.path), str(out), slot, 4)) for slot, out in enumerate(outs)]
+    start = SPAWN.Barrier(len(outs))
+    procs = [SPAWN.Process(target=_claimer, args=(str(queue.path), str(out), slot, 4, start))
+             for slot, out in enumerate(outs)]
     for p in procs:
         p.start()
     for p in procs:
