@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -181,6 +182,10 @@ def _fused_available() -> bool:
             from model import _remap_kernel  # noqa: F401 - imports numba
             _numba_state.append(True)
         except ImportError:  # the torch bands still work, slower
+            _numba_state.append(False)
+        except Exception as exc:  # e.g. numba finds nowhere to cache its compiled code (NUMBA_CACHE_DIR)
+            warnings.warn(f"the fused remap kernel is not available, the slower torch path is used: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
             _numba_state.append(False)
     return _numba_state[0]
 
