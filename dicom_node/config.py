@@ -6,6 +6,7 @@ spool, weights and outbox.
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,27 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    processes: int = 1  # worker processes sharing the queue
+    threads: int = 0    # torch (and remap) threads per worker process; 0 = cores // processes
+
+    def threads_per_process(self, cores: int | None = None) -> int:
+        """`threads`, or the cores this process may run on shared out among the processes
+        (at least 1): all the workers together use no more threads than there are cores."""
+        if self.threads:
+            return self.threads
+        return max(1, (cores or available_cores()) // self.processes)
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class RetrySettings:
     initial_seconds: float = 2.0
     max_seconds: float = 300.0
@@ -115,6 +137,7 @@ class Config:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     destinations: tuple[Destination, ...] = ()
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -263,7 +286,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     """Validate an already parsed TOML document that was read from `source`."""
     base = source.parent
     top = _Section(source, "config", raw,
-                   {"node", "spool", "model", "retry", "destinations", "logging", "http"})
+                   {"node", "spool", "model", "retry", "worker", "destinations", "logging", "http"})
 
     s = _Section(source, "node", raw.get("node", {}),
                  {"ae_title", "host", "port", "allowed_calling_aets", "require_called_aet", "max_associations",
@@ -317,6 +340,9 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         s.fail("max_seconds", f"must be at least initial_seconds ({retry.initial_seconds:g}),"
                               f" got {retry.max_seconds:g}")
 
+    s = _Section(source, "worker", raw.get("worker", {}), {"processes", "threads"})
+    worker = WorkerSettings(processes=s.integer("processes", 1, 1, 64), threads=s.integer("threads", 0, 0, 1024))
+
     entries = raw.get("destinations", [])
     if not isinstance(entries, list) or not entries:
         top.fail("destinations", "must be one or more [[destinations]] tables")
@@ -356,5 +382,5 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     s = _Section(source, "http", raw.get("http", {}), {"enabled", "host", "port", "admin_token"})
     http = HttpSettings(enabled=s.boolean("enabled", True), host=s.string("host", "127.0.0.1"),
                         port=s.integer("port", 8080, 0, 65535), admin_token=s.string("admin_token", "") or None)
-    return Config(path=source, node=node, spool=spool, model=model, retry=retry,
+    return Config(path=source, node=node, spool=spool, model=model, retry=retry, worker=worker,
                   destinations=tuple(destinations), logging=logging, http=http)

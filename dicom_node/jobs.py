@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     received_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    claimed_by INTEGER  -- the worker slot whose process holds it while processing (NULL: slot 0)
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_uid ON jobs (sop_instance_uid, state);
@@ -109,6 +110,13 @@ class JobQueue:
         if not readonly:
             with self._conn() as conn:
                 conn.executescript(_SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+                if "claimed_by" not in columns:  # a queue made before several workers: add the slot
+                    try:
+                        conn.execute("ALTER TABLE jobs ADD COLUMN claimed_by INTEGER")
+                    except sqlite3.OperationalError as exc:  # another worker process added it meanwhile
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -183,24 +191,39 @@ class JobQueue:
 
     # --- the worker side ---------------------------------------------------------------
 
-    def resume(self) -> int:
-        """Jobs left in processing by a stopped or crashed worker become ready again."""
+    def resume(self, worker: int | None = None) -> int:
+        """Jobs left in processing by a stopped or crashed worker become ready again: those of
+        worker slot `worker` (slot 0 also owns jobs claimed before slots existed), or all."""
+        where, args = "state = 'processing'", [time.time()]
+        if worker is not None:
+            where += " AND COALESCE(claimed_by, 0) = ?"
+            args.append(worker)
         with self._conn() as conn:
-            return conn.execute(
-                "UPDATE jobs SET state = 'received', updated_at = ? WHERE state = 'processing'",
-                (time.time(),)).rowcount
+            return conn.execute(f"UPDATE jobs SET state = 'received', updated_at = ? WHERE {where}", args).rowcount
 
-    def claim(self, limit: int, now: float | None = None) -> list[Job]:
-        """Move up to `limit` ready jobs (oldest first) to processing and return them."""
+    def processing_slots(self) -> set[int]:
+        """The worker slots that hold jobs in processing."""
+        return {row[0] for row in self._conn().execute(
+            "SELECT DISTINCT COALESCE(claimed_by, 0) FROM jobs WHERE state = 'processing'")}
+
+    def claim(self, limit: int, now: float | None = None, worker: int = 0, share: int = 1) -> list[Job]:
+        """Move up to `limit` ready jobs (oldest first) to processing for worker slot `worker`,
+        and return them. One transaction (BEGIN IMMEDIATE: one writer at a time), so two workers
+        never take the same job. With `share` workers, a worker takes at most its share of what
+        is ready (rounded up), so that a short queue is spread over all of them."""
         now = time.time() if now is None else now
         conn = self._conn()
         with conn:
             conn.execute("BEGIN IMMEDIATE")
+            if share > 1:
+                ready = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'received' AND next_attempt_at <= ?",
+                                     (now,)).fetchone()[0]
+                limit = min(limit, -(-ready // share))
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE state = 'received' AND next_attempt_at <= ?"
                 " ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
-            conn.executemany("UPDATE jobs SET state = 'processing', updated_at = ? WHERE id = ?",
-                             [(now, row["id"]) for row in rows])
+            conn.executemany("UPDATE jobs SET state = 'processing', claimed_by = ?, updated_at = ? WHERE id = ?",
+                             [(worker, now, row["id"]) for row in rows])
         return [Job.from_row(row) for row in rows]
 
     def next_due(self) -> float | None:

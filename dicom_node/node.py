@@ -168,16 +168,26 @@ class Node:
         self.wake = ProcessFlag(self._mp)  # the worker sleeps on both: it may be killed there
         self.stop_worker = ProcessFlag(self._mp)
         self.audit_queue = self._mp.Queue() if config.logging.audit else None
-        self.worker: multiprocessing.Process | None = None
+        # one per [worker] processes; they share the queue (each claim is one transaction)
+        self.workers: list[multiprocessing.Process | None] = [None] * config.worker.processes
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, slot: int = 0) -> None:
         from dicom_node import worker
 
-        self.worker = self._mp.Process(
-            target=worker.main, name="dicom-node-worker",
-            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level, self.audit_queue))
-        self.worker.start()
-        log.info("worker started", pid=self.worker.pid)
+        process = self._mp.Process(
+            target=worker.main, name="dicom-node-worker" if slot == 0 else f"dicom-node-worker-{slot}",
+            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level, self.audit_queue, slot))
+        process.start()
+        self.workers[slot] = process
+        log.info("worker started", pid=process.pid, slot=slot)
+
+    @property
+    def worker(self) -> multiprocessing.Process | None:
+        """Worker slot 0 (the only one with the default [worker] processes = 1)."""
+        return self.workers[0]
+
+    def workers_alive(self) -> bool:
+        return all(w is not None and w.is_alive() for w in self.workers)
 
     def request_stop(self, signum=None, frame=None) -> None:
         if not self.stopping.is_set():
@@ -219,28 +229,31 @@ class Node:
             from dicom_node.monitor import serve_http
 
             try:
-                http = serve_http(cfg, spool, lambda: self.worker is not None and self.worker.is_alive(),
-                                  on_requeued=self.wake.set)
+                http = serve_http(cfg, spool, self.workers_alive, on_requeued=self.wake.set)
             except OSError as exc:
                 server.shutdown()
                 raise NodeError(f"cannot listen on {cfg.http.host}:{cfg.http.port} ([http] host/port):"
                                 f" {exc.strerror or exc}") from None
             log.info("http: /health and /metrics", host=cfg.http.host, port=http.server_address[1])
-        self._start_worker()
+        for slot in range(len(self.workers)):
+            self._start_worker(slot)
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host, tls=cfg.node.tls is not None,
                  port=server.server_address[1], spool=str(spool.root),
                  destinations=[d.name for d in cfg.destinations])
-        restarts, started = 0, time.monotonic()
+        # per slot: consecutive quick exits, when it was started, when it may start again
+        restarts = [0] * len(self.workers)
+        started = [time.monotonic()] * len(self.workers)
+        due: list[float | None] = [None] * len(self.workers)
         while not self.stopping.wait(0.5):
-            if not self.worker.is_alive():
-                restarts = restart_count(restarts, time.monotonic() - started)
-                delay = restart_delay(restarts)
-                log.error("worker exited, restarting", exitcode=self.worker.exitcode,
-                          in_seconds=delay)
-                if self.stopping.wait(delay):
-                    break
-                self._start_worker()
-                started = time.monotonic()
+            for slot, process in enumerate(self.workers):
+                if due[slot] is None and not process.is_alive():
+                    restarts[slot] = restart_count(restarts[slot], time.monotonic() - started[slot])
+                    delay = restart_delay(restarts[slot])
+                    log.error("worker exited, restarting", exitcode=process.exitcode, slot=slot, in_seconds=delay)
+                    due[slot] = time.monotonic() + delay
+                if due[slot] is not None and time.monotonic() >= due[slot] and not self.stopping.is_set():
+                    self._start_worker(slot)
+                    started[slot], due[slot] = time.monotonic(), None
 
         if http is not None:
             http.shutdown()
@@ -254,14 +267,17 @@ class Node:
         ae.shutdown()  # aborts whatever is left (connections that never associated)
         self.stop_worker.set()
         self.wake.set()
-        self.worker.join(WORKER_STOP_SECONDS)
-        if self.worker.is_alive():
-            log.warning("worker did not stop in time; its jobs resume on the next start")
-            self.worker.terminate()
-            self.worker.join(5)
-            if self.worker.is_alive():  # SIGTERM only asks it to stop after its batch
-                self.worker.kill()
-                self.worker.join(5)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for process in self.workers:  # all were asked at once: they stop together
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.workers:
+            if process.is_alive():
+                log.warning("worker did not stop in time; its jobs resume on the next start", pid=process.pid)
+                process.terminate()
+                process.join(5)
+                if process.is_alive():  # SIGTERM only asks it to stop after its batch
+                    process.kill()
+                    process.join(5)
         if audit is not None:
             audit.close()
         log.info("stopped")

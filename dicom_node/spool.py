@@ -13,7 +13,7 @@ Layout under [spool] dir::
     quarantine/<time>/                        what could not be read at start, with reason.txt
     queue.sqlite3                             the job queue (see jobs.py)
     node.lock                                 held (flock) by the one node serving this spool
-    worker.lock                               held (flock) by the one worker working this spool
+    worker.lock, worker-<i>.lock              held (flock) by worker process slot 0, i ([worker] processes)
 """
 from __future__ import annotations
 
@@ -148,14 +148,28 @@ class Spool:
             fsync_dir(source.parent)
         return held
 
-    def lock_worker(self, on_wait=lambda: None) -> Spool:
-        """The worker's own exclusive lock (worker.lock), waited for: after a kill -9 of the node
-        its old worker may still finish a batch; the new one must not resume those jobs
-        meanwhile. Held until the process ends."""
-        if not self._flock("worker.lock", wait=False):
+    @staticmethod
+    def worker_lock_name(slot: int) -> str:
+        """Worker slot 0's lock is worker.lock (as with one worker), slot i's worker-<i>.lock."""
+        return "worker.lock" if slot == 0 else f"worker-{slot}.lock"
+
+    def lock_worker(self, on_wait=lambda: None, slot: int = 0) -> Spool:
+        """Worker slot `slot`'s own exclusive lock, waited for: after a kill -9 of the node its
+        old worker in that slot may still finish a batch; the new one must not resume that
+        slot's jobs meanwhile. Held until the process ends. (Two nodes on one spool are kept
+        apart by node.lock.)"""
+        name = self.worker_lock_name(slot)
+        if not self._flock(name, wait=False):
             on_wait()
-            self._flock("worker.lock", wait=True)
+            self._flock(name, wait=True)
         return self
+
+    def unlock_worker(self, slot: int) -> None:
+        """Let go of a slot's lock taken with lock_worker (e.g. a slot no longer configured,
+        whose jobs were put back)."""
+        f = self._locks.pop(self.worker_lock_name(slot), None)
+        if f is not None:
+            f.close()
 
     def quarantine(self, paths: list[Path], reason: str) -> Path:
         """Move `paths` (those that exist) into a new quarantine/<time>/ folder with a

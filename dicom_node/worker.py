@@ -33,7 +33,7 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels.utils import get_expected_length
 
 from dicom_node import audit
-from dicom_node.config import Config, RetrySettings, load_config
+from dicom_node.config import Config, RetrySettings, available_cores, load_config
 from dicom_node.errors import UnsupportedImage
 from dicom_node.forwarder import Item, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue
@@ -149,8 +149,9 @@ def send_or_retry(target, items: list[Item], on_delivered=None) -> list[Outcome]
 
 
 class Worker:
-    def __init__(self, config: Config, enhancer=None, is_derived_by_us=None):
+    def __init__(self, config: Config, enhancer=None, is_derived_by_us=None, slot: int = 0):
         self.config = config
+        self.slot = slot  # which of the [worker] processes this is: its jobs are claimed under it
         self.spool = Spool(config.spool.dir).create()
         self.queue = JobQueue(self.spool.db_path)
         self.enhancer = enhancer
@@ -162,7 +163,7 @@ class Worker:
 
     def run_once(self, stop=None) -> int:
         """Claim and work one batch; returns how many jobs it took."""
-        jobs = self.queue.claim(BATCH_SIZE)
+        jobs = self.queue.claim(BATCH_SIZE, worker=self.slot, share=self.config.worker.processes)
         self.timings: list = []  # (job_id, stage, destination, seconds): derive and the sends add theirs
         plans: list[Plan] = []
         started = time.monotonic()
@@ -356,6 +357,28 @@ class Worker:
                         "sop_instance_uid": job.sop_instance_uid}}))
 
 
+def limit_threads(config: Config) -> dict:
+    """[worker] threads for this process, set before torch's first op (torch reads OpenMP's
+    settings when it loads). OpenMP's idle threads sleep instead of spinning (unless the
+    environment says otherwise), so that between two parallel regions they leave the cores to
+    the SCP and to the other workers. Returns what was set, for the log."""
+    threads = config.worker.threads_per_process()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    settings = {"threads": threads, "processes": config.worker.processes, "cores": available_cores(),
+                "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
+    if config.model.enhance:  # torch is imported only by a worker that enhances
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)  # the worker runs one model call at a time
+        except RuntimeError:  # already set in this process (tests)
+            pass
+        settings["torch_threads"] = torch.get_num_threads()
+    return settings
+
+
 def _load_enhancer(config: Config):
     """The model, once, if anything is to be enhanced (imports torch: worker process only), and
     what to tell /health about it (spool/worker.json)."""
@@ -391,8 +414,21 @@ def _write_status(spool: Spool, status: dict) -> None:
         log.warning("worker status not written", error=repr(exc))
 
 
-def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None) -> None:
-    """Process entry point: work until `stop` is set or the parent process is gone."""
+def adopt_unconfigured_slots(worker: Worker) -> None:
+    """Jobs left in processing by worker slots beyond [worker] processes (the node ran with more
+    before) go back to the queue, each once its old process (if any) has let go of the slot."""
+    for slot in sorted(worker.queue.processing_slots()):
+        if slot >= worker.config.worker.processes:
+            worker.spool.lock_worker(lambda slot=slot: log.warning("waiting for an old worker to finish its batch",
+                                                                   slot=slot), slot=slot)
+            count = worker.queue.resume(worker=slot)
+            worker.spool.unlock_worker(slot)
+            log.info("jobs of a worker slot no longer configured are back in the queue", slot=slot, count=count)
+
+
+def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None, slot: int = 0) -> None:
+    """Process entry point of worker `slot` (0 .. [worker] processes - 1): work until `stop` is
+    set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     os.nice(WORKER_NICENESS)
@@ -401,15 +437,20 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     configure_logging(config.logging.format, level)
     if level != "debug":  # a refused or timed-out association is our one "will retry" warning, not
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # pynetdicom's two error lines
-    structlog.contextvars.bind_contextvars(process="worker")
+    structlog.contextvars.bind_contextvars(process="worker" if config.worker.processes == 1 else f"worker-{slot}")
     audit.send_to(audit_queue)
+    threads = limit_threads(config)  # before the model (torch) loads
+    log.info("worker threads", **threads)
     enhancer, is_ours, status = _load_enhancer(config)
-    worker = Worker(config, enhancer, is_ours)
-    _write_status(worker.spool, status)
-    worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"))
-    resumed = worker.queue.resume()
+    worker = Worker(config, enhancer, is_ours, slot=slot)
+    if slot == 0:
+        _write_status(worker.spool, {**status, "processes": config.worker.processes, "threads": threads["threads"]})
+    worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"), slot=slot)
+    resumed = worker.queue.resume(worker=slot)
     if resumed:
         log.info("resumed jobs left in processing", count=resumed)
+    if slot == 0:
+        adopt_unconfigured_slots(worker)
     log.info("worker ready", destinations=[t.name for t in worker.targets],
              enhance=sorted(worker.enhance_classes))
     parent = multiprocessing.parent_process()
@@ -421,7 +462,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
         wake.clear()  # a job stored from now on wakes the wait below
         try:
             if unsettled:
-                worker.queue.resume()
+                worker.queue.resume(worker=slot)
                 unsettled = False
                 log.info("the batch is back in the queue")
             if worker.run_once(stop):
@@ -432,7 +473,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
             else:
                 log.exception("batch failed, its jobs go back to the queue")
             try:
-                worker.queue.resume()
+                worker.queue.resume(worker=slot)
             except Exception as again:  # a full disk can refuse even that: tried again each round
                 unsettled = True
                 log.error("cannot put the batch back yet", error=repr(again))
@@ -440,5 +481,5 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
             continue
         due = worker.queue.next_due()
         wake.wait(1.0 if due is None else min(1.0, max(0.0, due - time.time())))
-    worker.queue.resume()  # anything still claimed goes back to received
+    worker.queue.resume(worker=slot)  # anything it still claimed goes back to received
     log.info("worker stopped", pid=os.getpid())

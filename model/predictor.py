@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.net import MAP_NAMES, ModelBuilder, mirror_averaged
-from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, window_guard
+from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, warm_up, window_guard
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,7 +91,10 @@ class Predictor:
     @property
     def checkpoint(self) -> Checkpoint:
         if self._checkpoint is None:
-            self._checkpoint = load_checkpoint(self.weights, self.device, self.baselines)
+            checkpoint = load_checkpoint(self.weights, self.device, self.baselines)
+            if self.device.type == "cpu":  # the remap's compiled kernel, now rather than on the first image
+                warm_up(checkpoint.config.downsample)
+            self._checkpoint = checkpoint
         return self._checkpoint
 
     @property
@@ -111,6 +114,26 @@ class Predictor:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         low = downsample_image(x, self.checkpoint.config.downsample)
         return mirror_averaged(self.checkpoint.model, low)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The maps (N, 4, h, w) of N same-size images (pre_process'ed) in one network call: what
+        a GPU gains from several images at once. Each image's maps are those `predict` gives it
+        alone (the network treats the images of a batch independently)."""
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs images of one size, got {sorted(shapes)}")
+        low = downsample_image(torch.stack(xs)[:, None], self.checkpoint.config.downsample)
+        return mirror_averaged(self.checkpoint.model, low)
+
+    def enhance_batch(self, images: list[np.ndarray], want_z: bool = True) -> list[Prediction]:
+        """`__call__` for several same-size images, the network run once for all of them."""
+        xts = [self.pre_process(x) for x in images]
+        maps = self.predict_batch(xts)
+        predictions = [self.post_process(xt, m, want_z=want_z) for xt, m in zip(xts, maps)]
+        if self.max_burnt_out:
+            predictions = [self.guarded(p, x, per_pixel=want_z) for p, x in zip(predictions, images)]
+        return predictions
 
     @torch.inference_mode()
     def post_process(self, x: torch.Tensor, maps: torch.Tensor, want_z: bool = True) -> Prediction:

@@ -5,13 +5,21 @@ design.md, "The remap":
   global LUT    z = 1 / (1 + exp(-4 * (y - wc) / ww))   (DICOM SIGMOID VOI LUT, PS3.3 C.11.2.1.3.1)
   display       65535 * z
 All maths in float32 on the normalised image x in [0, 1]. Training, inference, the writer and
-the tests call these functions; nothing else re-implements them.
+the tests call these functions; nothing else re-implements them. (`remap`'s CPU inference path
+runs the formula in one fused pass, model/_remap_kernel.py, behind this same function; the tests
+hold it to the plain path.)
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +131,10 @@ def remap(
     if not want_z:  # the window maps are not used: do not upsample them
         maps[2:] = [None, None]
     needs_grad = torch.is_grad_enabled() and any(isinstance(m, torch.Tensor) and m.requires_grad for m in (x, a, b, wc, ww))
-    if downsample is not None and not needs_grad and x4.shape[0] == 1 and any(m is not None for m in maps):
+    # On the CPU the full-size maps cost more than the formula: the inference path avoids them. A
+    # GPU does the plain path in a few kernels, faster than band after band.
+    if (downsample is not None and not needs_grad and x4.shape[0] == 1 and x4.device.type == "cpu"
+            and any(m is not None for m in maps)):
         y, z = _remap_in_bands(x4, (a, b, wc, ww), maps, downsample, want_z)
     else:
         full = [upsample_maps(m, size, downsample) if m is not None else v for m, v in zip(maps, (a, b, wc, ww))]
@@ -134,16 +145,26 @@ def remap(
     return Remapped(y, z)
 
 
-BAND_ROWS = 64  # rows per band: the band's upsampled maps stay in cache (measured: 64-128 best)
+BAND_ROWS = 64  # rows per band of the torch fallback: the band's upsampled maps stay in cache
 
 
 def _remap_in_bands(x4, values, maps, downsample: int, want_z: bool):
-    """Inference path of `remap`: the same bilinear upsampling and formula, band by band.
-
-    Upsampling whole maps to full resolution writes and re-reads several image-sized buffers;
-    doing it separably (columns once at low-res height, rows per band) keeps each band in cache
-    and runs several times faster. tests/test_remap.py checks it against the plain path.
+    """CPU inference path of `remap`: the same bilinear upsampling and formula, without full-size
+    maps. One fused pass (`_fused_remap`, compiled with numba) when every value is a
+    low-resolution map or a scalar; otherwise (numba missing, a full-resolution value beside the
+    maps) the separable torch version below. tests/test_remap.py checks both against the plain,
+    differentiable path.
     """
+    if _fused_available():
+        low = _low_stack(values, maps, want_z)
+        if low is not None:
+            return _fused_remap(x4, low, downsample, want_z)
+    return _remap_in_torch_bands(x4, values, maps, downsample, want_z)
+
+
+def _remap_in_torch_bands(x4, values, maps, downsample: int, want_z: bool):
+    """Separable upsampling in torch (columns once at low-res height, rows per band), each band
+    kept in cache; the fallback of `_remap_in_bands`."""
     h_full, w_full = x4.shape[-2:]
     low = [m for m in maps if m is not None]
     h_low, w_low = low[0].shape[-2:]
@@ -174,6 +195,146 @@ def _remap_in_bands(x4, values, maps, downsample: int, want_z: bool):
         if want_z:
             z[0, 0, rows] = sigmoid_window(y_band, band_maps[2], band_maps[3])
     return y, z
+
+
+# --- the fused CPU kernel (model/_remap_kernel.py) ---------------------------------------------
+#
+# Rows are split into `torch.get_num_threads()` chunks, each run by a thread (the kernel releases
+# the GIL), so the one torch thread setting governs it too.
+
+_numba_state: list = []  # [] not tried yet; [True] / [False]: the kernel (numba) can be imported
+_pool_lock = threading.Lock()
+_pool: list = []  # [ThreadPoolExecutor, its size] once made
+
+
+def _fused_available() -> bool:
+    if not _numba_state:
+        try:
+            from model import _remap_kernel  # noqa: F401 - imports numba
+            _numba_state.append(True)
+        except ImportError:  # the torch bands still work, slower
+            _numba_state.append(False)
+        except Exception as exc:  # e.g. numba finds nowhere to cache its compiled code (NUMBA_CACHE_DIR)
+            warnings.warn(f"the fused remap kernel is not available, the slower torch path is used: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
+            _numba_state.append(False)
+    return _numba_state[0]
+
+
+def kernel_name() -> str:
+    """What `remap`'s CPU inference path runs on: for benchmarks and logs."""
+    if _fused_available():
+        import numba
+
+        return f"fused numba {numba.__version__}"
+    return "torch bands (numba not installed)"
+
+
+def _low_stack(values, maps, want_z: bool):
+    """The values as one (n, h, w) float32 array of low-resolution maps (a scalar becomes a
+    constant map, exact under the lerps), n = 4 with want_z else 2; None when a value is neither
+    (e.g. a full-resolution tensor), or the maps differ in size."""
+    count = 4 if want_z else 2
+    shapes = {tuple(m.shape[-2:]) for m in maps[:count] if m is not None}
+    if len(shapes) != 1:
+        return None
+    (shape,) = shapes
+    out = np.empty((count, *shape), dtype=np.float32)
+    for i in range(count):
+        m, v = maps[i], values[i]
+        if m is not None:
+            if m.shape[0] != 1 or m.shape[1] != 1:
+                return None
+            out[i] = m[0, 0].detach().cpu().numpy()
+        elif isinstance(v, torch.Tensor) and v.numel() != 1:
+            return None
+        else:
+            out[i] = float(v)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _weights(n_full: int, n_low: int, downsample: int):
+    """Lower index, upper index and weight of each full-resolution row or column, as
+    F.interpolate(scale_factor=downsample, mode="bilinear", align_corners=False) computes them."""
+    src = ((np.arange(n_full, dtype=np.float32) + np.float32(0.5)) / np.float32(downsample)
+           - np.float32(0.5)).clip(0, None)
+    lower = np.minimum(np.floor(src).astype(np.int64), n_low - 1)
+    upper = np.minimum(lower + 1, n_low - 1)
+    return lower, upper, (src - lower).astype(np.float32)
+
+
+def _thread_pool(size: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        if not _pool or _pool[1] < size:
+            if _pool:
+                _pool[0].shutdown(wait=False)
+                _pool.clear()
+            _pool.extend([ThreadPoolExecutor(max_workers=size, thread_name_prefix="remap"), size])
+        return _pool[0]
+
+
+def _forget_pool_after_fork() -> None:  # a forked child has the pool object but not its threads
+    _pool.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+FUSED_MIN_ROWS_PER_THREAD = 128  # smaller chunks cost more in handing over than they save
+
+
+@functools.lru_cache(maxsize=8)
+def _repeating_weights(downsample: int) -> tuple[tuple, tuple]:
+    """The weights every whole band of rows and every interior low column repeat: those of rows
+    2 ds + ds // 2 + k and columns ds + k (k < ds), as tuples of float32 (see model/_remap_kernel)."""
+    _, _, w = _weights(4 * downsample, 4, downsample)
+    start = 2 * downsample + downsample // 2
+    return (tuple(np.float32(v) for v in w[start:start + downsample]),
+            tuple(np.float32(v) for v in w[downsample:2 * downsample]))
+
+
+def _fused_remap(x4: torch.Tensor, low: np.ndarray, downsample: int, want_z: bool):
+    h_full, w_full = x4.shape[-2:]
+    x = x4[0, 0]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    xn = x.numpy()
+    from model._remap_kernel import remap_rows
+
+    left, right, cw = _weights(w_full, low.shape[2], downsample)
+    top, bottom, rw = _weights(h_full, low.shape[1], downsample)
+    band_w, phase_w = _repeating_weights(downsample)
+    y = torch.empty_like(x4)
+    z = torch.empty_like(x4) if want_z else y
+    yn, zn = y[0, 0].numpy(), z[0, 0].numpy()
+    chunks = max(1, min(torch.get_num_threads(), h_full // FUSED_MIN_ROWS_PER_THREAD))
+    # chunks start where a band starts (row ds * j + ds // 2 is the first below low row j), so
+    # that no band's columns are interpolated twice
+    bounds = [0] + [min(h_full, round(i * h_full / chunks / downsample) * downsample + downsample // 2)
+                    for i in range(1, chunks)] + [h_full]
+
+    def run(i: int) -> None:
+        remap_rows(xn, low, left, right, cw, top, bottom, rw, bounds[i], bounds[i + 1], yn, zn, band_w, phase_w)
+
+    if chunks == 1:
+        run(0)
+    else:
+        futures = [_thread_pool(chunks - 1).submit(run, i) for i in range(1, chunks)]
+        run(0)
+        for future in futures:
+            future.result()
+    if want_z:
+        torch.sigmoid_(z)
+    return y, z
+
+
+def warm_up(downsample: int) -> None:
+    """Compile (or load from numba's cache) the fused kernel for `downsample` now, on a tiny
+    image, so that the first real image does not pay for it."""
+    x = torch.rand(1, 1, 4 * downsample, 4 * downsample)
+    low = torch.rand(1, 1, 4, 4)
+    remap(x, low, low, low, low + 0.1, downsample=downsample)
+    remap(x, low, low, low, low + 0.1, downsample=downsample, want_z=False)
 
 
 # z leaves (0.02, 0.98) where |y - wc| > SATURATION_REACH * ww, i.e. 4 |y - wc| / ww > ln(49)

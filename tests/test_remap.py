@@ -81,3 +81,64 @@ def test_banded_inference_path_equals_the_differentiable_path(shape, ds):
     assert torch.allclose(fast.z, plain.z.detach(), atol=1e-6)
     mixed = remap(x, a.detach(), b, 0.4, 0.2, downsample=ds)  # scalar window beside low-res maps
     assert torch.allclose(mixed.z, sigmoid_window(plain.y.detach(), 0.4, 0.2), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,ds", [((1001, 777), 8), ((37, 45), 16), ((130, 9), 2), ((8, 8), 4), ((257, 300), 4)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_inference_kernels_equal_the_differentiable_path(shape, ds, fused, monkeypatch):
+    """The fused kernel (numba) and its torch fallback, at sizes where the maps have fewer than
+    three columns or rows (edges only) and where the image is not a multiple of the factor."""
+    from model import remap as remap_module
+
+    if fused and not remap_module._fused_available():
+        pytest.skip("numba is not installed: only the torch fallback runs")
+    monkeypatch.setattr(remap_module, "_numba_state", [fused])
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 1, *shape, generator=g)
+    low = [torch.rand(1, 1, -(-shape[0] // ds), -(-shape[1] // ds), generator=g) for _ in range(4)]
+    a, b, wc, ww = low[0] * 2, low[1] - 0.5, low[2], low[3] + 0.05
+    plain = remap(x, a.clone().requires_grad_(True), b, wc, ww, downsample=ds)
+    for want_z in (True, False):
+        fast = remap(x, a, b, wc, ww, downsample=ds, want_z=want_z)
+        assert torch.allclose(fast.y, plain.y.detach(), atol=1e-6)
+        if want_z:
+            assert torch.allclose(fast.z, plain.z.detach(), atol=1e-6)
+    constant = remap(x, torch.full_like(a, 0.7), 0.1, 0.5, 0.3, downsample=ds)  # constant maps stay constant
+    assert torch.allclose(constant.y, torch.clamp(0.7 * x + 0.1, 0, 1), rtol=0, atol=1.2e-7)  # one float32 ulp
+
+
+def test_the_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
+    from model import remap as remap_module
+
+    if not remap_module._fused_available():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(1, 1, 1203, 517, generator=g)
+    maps = [torch.rand(1, 1, 151, 65, generator=g) + 0.05 for _ in range(4)]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(remap(x, *maps, downsample=8))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert torch.equal(other.y, results[0].y) and torch.equal(other.z, results[0].z)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_maps_larger_than_the_image_are_used_from_the_top_left(fused, monkeypatch):
+    """A crop at (0, 0) of a larger image with that image's low-res maps (training's renders)."""
+    from model import remap as remap_module
+
+    if fused and not remap_module._fused_available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(remap_module, "_numba_state", [fused])
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 1, 203, 157, generator=g)
+    maps = [torch.rand(1, 1, 26, 20, generator=g) + 0.05 for _ in range(4)]
+    whole = remap(x, *maps, downsample=8)
+    for h, w in [(64, 64), (9, 150), (200, 17)]:
+        crop = remap(x[..., :h, :w].contiguous(), *maps, downsample=8)
+        assert torch.allclose(crop.z, whole.z[..., :h, :w], atol=1e-6)

@@ -1,0 +1,150 @@
+"""Images per second of the node's worker with 1 and with 2 worker processes ([worker] processes).
+
+    .venv/bin/python -m benchmarks.workers [--n 24] [--rows 2500 --cols 2000] [--processes 1 2] [--repeats 2]
+
+The node's real path minus the SCP: real worker processes (`dicom_node.worker.main`, spawned as
+the node spawns them, each with [worker] threads at its default, cores / processes), the real
+spool and SQLite queue, the shipped model, a folder destination. Once every worker is ready
+(holds its slot's lock, the model loaded), N synthetic 12-bit CR files are stored in the spool
+and queued at once, as the SCP would, and the time until the last job is done is measured:
+images/s = N / that time. The configurations are run in turn, `--repeats` rounds, and the
+median of each is given; the figure is the ratio of 2 workers to 1 (target >= 1.6x) and the
+images per day per core that go into the README's sizing paragraph.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import multiprocessing
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.stamp import cpu_description, git_commit
+from dicom_node.config import available_cores, load_config
+from dicom_node.jobs import JobQueue
+from dicom_node.spool import Spool
+from model import DEFAULT_WEIGHTS
+from support.helpers import phantom_dataset
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _holds_lock(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def run_once(folder: Path, sources: list[Path], weights: str, processes: int, threads: int) -> float:
+    """Seconds for `processes` workers to work every file in `sources` (after they are ready)."""
+    from dicom_node import worker
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config_path = folder / "config.toml"
+    config_path.write_text("\n".join([
+        "[spool]", 'dir = "spool"',
+        "[model]", f'weights = "{weights}"', 'device = "cpu"', 'enhance = ["CR", "DX"]',
+        "[worker]", f"processes = {processes}", f"threads = {threads}",
+        "[logging]", 'format = "json"', 'level = "error"',
+        "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
+    ]) + "\n")
+    config = load_config(config_path)
+    spool = Spool(config.spool.dir).create()
+    queue = JobQueue(spool.db_path)
+    stop, wake = SPAWN.Event(), SPAWN.Event()
+    procs = [SPAWN.Process(target=worker.main, args=(str(config_path), stop, wake, "warning", None, slot))
+             for slot in range(processes)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 300
+        while not all(_holds_lock(spool.root / Spool.worker_lock_name(s)) for s in range(processes)):
+            if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
+                raise SystemExit("the workers did not become ready")
+            time.sleep(0.1)
+        time.sleep(1.0)  # past "worker ready": idle, waiting for work
+        blobs = [(path.read_bytes(), path.stem) for path in sources]
+        started = time.perf_counter()
+        for data, uid in blobs:  # as the SCP stores and queues a received instance
+            path = spool.store_received(data, uid)
+            queue.add(uid, "1.2.840.10008.5.1.4.1.1.1", path)
+        wake.set()
+        while True:
+            counts = queue.counts()
+            if counts["done"] + counts["failed"] == len(sources):
+                break
+            if time.perf_counter() - started > 1800:
+                raise SystemExit(f"not done after 30 min: {counts}")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        if counts["failed"]:
+            raise SystemExit(f"{counts['failed']} jobs failed")
+        if len(list((folder / "outbox").rglob("*.dcm"))) != 2 * len(sources):
+            raise SystemExit("the outbox does not hold an original and a derived instance per image")
+        return elapsed
+    finally:
+        stop.set()
+        wake.set()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=24, help="images per run")
+    parser.add_argument("--rows", type=int, default=2500)
+    parser.add_argument("--cols", type=int, default=2000)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, default=0, help="[worker] threads (0: cores / processes)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over the configurations")
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    args = parser.parse_args(argv)
+
+    cores = available_cores()
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        tmp = Path(tmp)
+        sources = []
+        for i in range(args.n):
+            ds = phantom_dataset(args.rows, args.cols, 12, seed=i)
+            path = tmp / "sources" / f"{ds.SOPInstanceUID}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            sources.append(path)
+        times = {p: [] for p in args.processes}
+        for _ in range(args.repeats):
+            for processes in args.processes:
+                times[processes].append(run_once(tmp / "run", sources, args.weights, processes, args.threads))
+    rate = {p: args.n / statistics.median(t) for p, t in times.items()}
+    best = {p: args.n / min(t) for p, t in times.items()}
+    print(f"workers benchmark: commit {git_commit()}; {cpu_description()}; weights {Path(args.weights).name}")
+    print(f"  {args.n} synthetic CR {args.rows}x{args.cols} 12-bit per run, voi, folder destination; "
+          f"median of {args.repeats} runs each, in turn")
+    for processes, t in times.items():
+        threads = args.threads or max(1, cores // processes)
+        per_day_core = rate[processes] * 86400 / min(cores, processes * threads)
+        print(f"  {processes} worker(s) x {threads} thread(s): {rate[processes]:6.2f} images/s median, "
+              f"{best[processes]:6.2f} best   (runs: {', '.join(f'{x:.1f}' for x in t)} s)   "
+              f"{per_day_core:,.0f} images/day per core (median)")
+    base = args.processes[0]
+    for processes in args.processes[1:]:
+        ratio = rate[processes] / rate[base]
+        target = "  (target >= 1.6x: " + ("met)" if ratio >= 1.6 else "NOT met)") if (base, processes) == (1, 2) else ""
+        print(f"  ratio {processes} workers / {base}: {ratio:.2f}x from the medians, "
+              f"{best[processes] / best[base]:.2f}x from the best runs{target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

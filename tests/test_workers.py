@@ -1,0 +1,190 @@
+"""[worker] processes and threads: several worker processes share the SQLite queue, each job is
+worked exactly once; the thread setting and its default."""
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicom_node.config import WorkerSettings, load_config
+from dicom_node.errors import ConfigError
+from dicom_node.jobs import JobQueue
+from dicom_node.spool import Spool
+from support.helpers import phantom_dataset
+from support.node_peers import NodeProcess, copies_with_new_uids, storescu, wait_until
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _claimer(db: str, out: str, slot: int, share: int, start) -> None:
+    """Claims until the queue is empty, writing each claimed job id on its own line."""
+    queue = JobQueue(db)
+    start.wait(60)  # all the processes ready: they claim at the same time
+    with open(out, "w") as f:
+        empty = 0
+        while empty < 20:
+            jobs = queue.claim(3, worker=slot, share=share)
+            empty = 0 if jobs else empty + 1
+            f.writelines(f"{job.id}\n" for job in jobs)
+            f.flush()
+            time.sleep(0.005)  # the work a worker does between claims (SQLite's lock is not fair: a
+            # process that claims again at once can keep the others waiting in their busy back-off)
+
+
+def test_claims_from_several_processes_never_take_a_job_twice(tmp_path):
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    ids = {queue.add(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.7", tmp_path / f"{i}.dcm")[0] for i in range(600)}
+    outs = [tmp_path / f"claimed-{slot}.txt" for slot in range(4)]
+    start = SPAWN.Barrier(len(outs))
+    procs = [SPAWN.Process(target=_claimer, args=(str(queue.path), str(out), slot, 4, start))
+             for slot, out in enumerate(outs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    claimed = [[int(line) for line in out.read_text().split()] for out in outs]
+    every = [job_id for per_process in claimed for job_id in per_process]
+    assert sorted(every) == sorted(ids), "each job claimed exactly once"
+    assert all(per_process for per_process in claimed), [len(c) for c in claimed]
+    assert queue.counts()["processing"] == 600
+    assert queue.processing_slots() == {0, 1, 2, 3}
+    assert queue.resume(worker=2) == len(claimed[2])  # a slot puts back only its own jobs
+    assert queue.counts()["processing"] == 600 - len(claimed[2])
+
+
+def test_a_queue_made_before_worker_slots_gets_the_column_and_slot_0_owns_its_claims(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "queue.sqlite3"
+    conn = sqlite3.connect(db)  # the schema as it was, with one job in processing
+    conn.executescript("""
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, sop_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL, calling_aet TEXT NOT NULL DEFAULT '', association TEXT NOT NULL DEFAULT '',
+            path TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL, updated_at REAL NOT NULL, last_error TEXT);
+        INSERT INTO jobs (sop_instance_uid, sop_class_uid, path, state, received_at, next_attempt_at, updated_at)
+            VALUES ('1.2.3', '1.2.840.10008.5.1.4.1.1.7', 'x.dcm', 'processing', 0, 0, 0);
+    """)
+    conn.commit()
+    conn.close()
+    queue = JobQueue(db)
+    assert queue.processing_slots() == {0}
+    assert queue.resume(worker=1) == 0
+    assert queue.resume(worker=0) == 1
+
+
+def _config(tmp_path: Path, weights: Path, processes: int, threads: int = 1) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join([
+        "[spool]", 'dir = "spool"',
+        "[model]", f"weights = {json.dumps(str(weights))}", 'device = "cpu"', 'enhance = ["CR"]',
+        "[worker]", f"processes = {processes}", f"threads = {threads}",
+        "[logging]", 'format = "json"', 'level = "warning"',
+        "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
+    ]) + "\n")
+    return config
+
+
+def _holds_lock(path: Path) -> bool:
+    """Whether another process holds the flock on `path`."""
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_processes_on_one_queue_work_every_job_exactly_once(tmp_path, constant_weights):
+    """Real worker processes (worker.main, as the node spawns them), real files in the spool,
+    the real queue; the audit log counts what each job was made into and delivered as."""
+    from dicom_node import audit, worker
+
+    config = load_config(_config(tmp_path, constant_weights, processes=2))
+    spool = Spool(config.spool.dir).create()
+    queue = JobQueue(spool.db_path)
+    stop, wake, audit_queue = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    writer = audit.AuditWriter(tmp_path / "audit.jsonl", 10**8, 1, audit_queue)
+    procs = [SPAWN.Process(target=worker.main, args=(str(config.path), stop, wake, "warning", audit_queue, slot))
+             for slot in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        # both idle and waiting (each took its slot's lock just before "worker ready")
+        wait_until(lambda: all(_holds_lock(spool.root / Spool.worker_lock_name(s)) for s in range(2)), 120,
+                   what="both workers to be ready")
+        n = 60
+        uids = []
+        for i in range(n):  # small real CRs, enhanced by the constant model
+            ds = phantom_dataset(160, 128, seed=i)
+            path = spool.store_received(lambda f, ds=ds: ds.save_as(f, enforce_file_format=True), ds.SOPInstanceUID)
+            queue.add(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path)
+            uids.append(str(ds.SOPInstanceUID))
+        wake.set()
+        wait_until(lambda: queue.counts()["done"] == n, 240, interval=0.2, what="every job done")
+    finally:
+        stop.set()
+        wake.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        writer.close()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert queue.counts() == {"received": 0, "processing": 0, "done": n, "failed": 0}
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    derived = Counter(e["source_sop_instance_uid"] for e in lines if e["action"] == "derived")
+    assert derived == Counter({uid: 1 for uid in uids}), "each job enhanced exactly once"
+    delivered = Counter((e["sop_instance_uid"], e["item"]) for e in lines if e["action"] == "delivered")
+    assert sorted(delivered.values()) == [1] * (2 * n), "each original and each derived instance delivered once"
+    assert {uid for uid, item in delivered if item == "original"} == set(uids)
+    assert len(list((tmp_path / "outbox").rglob("*.dcm"))) == 2 * n
+    by_slot = Counter(row[0] for row in queue._conn().execute("SELECT claimed_by FROM jobs"))
+    assert set(by_slot) == {0, 1}, f"both workers took jobs: {dict(by_slot)}"
+
+
+@pytest.mark.timeout(180)
+def test_the_node_runs_its_configured_worker_processes_and_logs_their_threads(tmp_path, peers, constant_weights):
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(tmp_path / "node", constant_weights, [{"name": "archive", "type": "folder", "path": str(outbox)}])
+    node.config.write_text(node.config.read_text() + "[worker]\nprocesses = 2\n")
+    peers.append(node)
+    node.start()
+    files = copies_with_new_uids(Path(get_testdata_file("CT_small.dcm")), tmp_path / "in", 6)
+    assert storescu(files, node.port).returncode == 0
+    node.wait_drained(expected_done=6)
+    assert node.stop() == 0
+    lines = [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
+    threads = {e["process"]: e for e in lines if e["event"] == "worker threads"}
+    assert set(threads) == {"worker-0", "worker-1"}
+    cores = threads["worker-0"]["cores"]
+    assert all(e["threads"] == max(1, cores // 2) and e["processes"] == 2 for e in threads.values())
+    assert all(e.get("torch_threads") == max(1, cores // 2) for e in threads.values())
+    assert len(list(outbox.rglob("*.dcm"))) == 6
+
+
+def test_worker_settings_default_threads_share_the_cores_among_the_processes(tmp_path):
+    assert WorkerSettings().threads_per_process(cores=8) == 8
+    assert WorkerSettings(processes=2).threads_per_process(cores=8) == 4
+    assert WorkerSettings(processes=3).threads_per_process(cores=2) == 1
+    assert WorkerSettings(processes=2, threads=3).threads_per_process(cores=2) == 3
+    config = tmp_path / "config.toml"
+    base = '[[destinations]]\nname = "a"\ntype = "folder"\npath = "out"\n'
+    config.write_text(base)
+    assert load_config(config).worker == WorkerSettings(processes=1, threads=0)
+    for body, key in [("[worker]\nprocesses = 0\n", "[worker] processes"), ("[worker]\nthreads = -1\n", "[worker] threads"),
+                      ('[worker]\nthreads = "4"\n', "[worker] threads"), ("[worker]\nworkers = 2\n", "[worker] workers")]:
+        config.write_text(base + body)
+        with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            load_config(config)
