@@ -17,13 +17,23 @@ from model.net import MAP_NAMES, ModelBuilder, mirror_averaged
 from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, warm_up, window_guard
 
 
+def full_float32_on_cuda() -> None:
+    """cuDNN and cuBLAS run float32 in TF32 (a 10-bit mantissa) by default on Ampere and later,
+    ~1e-3 from the CPU's maps; a derived instance's UIDs do not depend on the device, so its
+    pixels must not either."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def resolve_device(device: str) -> torch.device:
     """auto = the first CUDA device when present, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+            full_float32_on_cuda()
         return torch.device(device)
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 

@@ -23,15 +23,6 @@ NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False): the --devic
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 
 
-@pytest.fixture(autouse=True)
-def full_float32_convolutions(monkeypatch):
-    """cuDNN runs float32 convolutions in TF32 by default (a 10-bit mantissa) on Ampere and
-    later: ~1e-3 from the CPU's maps. The comparisons below are of the same computation, so
-    they run it in full float32."""
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     return make_seeded_checkpoint(tmp_path_factory.mktemp("weights") / "seeded.pt")
