@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import structlog
@@ -43,14 +44,25 @@ class EchoFailed(NodeError):
     """A destination did not answer a C-ECHO."""
 
 
+class ItemKind(StrEnum):
+    """What an item is to the job; the value is what the queue's deliveries, the logs and the
+    audit lines say."""
+    ORIGINAL = "original"              # the instance as received
+    DERIVED = "derived"                # the enhanced instance made from it
+    PARAMETRIC_MAP = "parametric-map"  # the maps behind the derived instance ([model] parametric_map)
+
+
 @dataclass(frozen=True)
 class Item:
-    """One file to deliver: the original as received, or the derived instance."""
-    kind: str  # "original" | "derived"
+    """One file to deliver: the original as received, the derived instance or its maps."""
+    kind: ItemKind
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ItemKind(self.kind))  # ValueError names an unknown kind
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ A job is one received instance. States::
         ^                   |      \\--> failed   (file held in failed/ with its reason)
         \\---- retry -------/            (attempts, next_attempt_at, last_error)
 
-Deliveries are recorded per (job, destination, item) where item is "original" or
-"derived", so a retry only goes to the destinations that do not have the item yet and
+Deliveries are recorded per (job, destination, item) where item is an ItemKind value
+("original", "derived" or "parametric-map"), so a retry only goes to the destinations that do not have the item yet and
 a spool file is removed only when every destination has it.
 
 Connections are per thread: the SCP's association threads each write their own job.

@@ -9,6 +9,7 @@ Layout under [spool] dir::
 
     incoming/<SOP Instance UID>.<token>.dcm   as received, before and during processing
     derived/<job id>.dcm                      enhanced instance waiting to be forwarded
+    derived/<job id>.maps.dcm                 its Parametric Map ([model] parametric_map)
     failed/<job id>-<SOP Instance UID>.dcm    held with <same name>.reason.txt beside it
     quarantine/<time>/                        what could not be read at start, with reason.txt
     queue.sqlite3                             the job queue (see jobs.py)
@@ -131,6 +132,10 @@ class Spool:
 
     def derived_path(self, job_id: int) -> Path:
         return self.derived / f"{job_id}.dcm"
+
+    def maps_path(self, job_id: int) -> Path:
+        """The job's Parametric Map, beside its derived instance."""
+        return self.derived / f"{job_id}.maps.dcm"
 
     def hold_failed(self, job_id: int, source: Path, sop_instance_uid: str, reason: str) -> Path:
         """Move `source` into failed/ with a reason file beside it; returns the held path."""

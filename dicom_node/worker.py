@@ -2,9 +2,10 @@
 
 Runs in its own process (multiprocessing, spawn) so that the SCP process never imports
 torch. The model is loaded once at start. One loop iteration takes a batch of ready
-jobs, prepares what each must deliver (the derived instance for CR/DX that we did not
-derive ourselves, the original unless forward_original is off), sends the batch to every
-destination over one association each, and settles every job:
+jobs, prepares what each must deliver (routing.py: the derived instance for CR/DX that we
+did not derive ourselves, made by derivation.py, and the original unless forward_original is
+off), sends the batch to every destination over one association each, and settles every job
+(settlement.py decides, the worker applies: one queue commit for the batch):
 
 * every destination has every item -> done, spool files removed;
 * a permanent failure              -> failed/ with the reason, at once;
@@ -18,13 +19,11 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import signal
 import sqlite3
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import structlog
 from pydicom import dcmread
@@ -33,13 +32,15 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels.utils import get_expected_length
 
 from dicom_node import audit
-from dicom_node.config import Config, RetrySettings, available_cores, load_config
+from dicom_node.config import Config, available_cores, load_config
+from dicom_node.derivation import Derivation
 from dicom_node.errors import UnsupportedImage
-from dicom_node.forwarder import Item, Outcome, make_target
+from dicom_node.forwarder import Item, ItemKind, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.logs import configure_logging
+from dicom_node.routing import Routing
+from dicom_node.settlement import Done, Fail, Plan, Retry, Verdict, settle
 from dicom_node.spool import Spool, write_atomic
-from dicom_node.thumbnails import write_thumbnails
 from dicom_node.writer import enhanced_classes
 
 log = structlog.get_logger("dicom_node.worker")
@@ -52,13 +53,6 @@ PREPARE_BUDGET_SECONDS = 2.0
 WORKER_NICENESS = 5
 #: Tries of the model on one image before its original is forwarded without enhancement.
 ENHANCE_ATTEMPTS = 3
-
-
-
-def backoff_seconds(attempt: int, retry: RetrySettings, rng: random.Random = random) -> float:
-    """Delay before retry number `attempt` (1-based): doubled each time, +-20 % jitter, capped."""
-    base = retry.initial_seconds * 2 ** min(attempt - 1, 30)
-    return min(retry.max_seconds, base * rng.uniform(0.8, 1.2))
 
 
 def read_complete(path) -> Dataset:
@@ -89,29 +83,6 @@ def read_complete(path) -> Dataset:
                 raise ValueError(f"Pixel Data is truncated: {len(ds.PixelData)} of "
                                  f"{expected} bytes")
     return ds
-
-
-@dataclass
-class Settlement:
-    """What one batch changes in the queue, committed together."""
-    deliveries: list = field(default_factory=list)
-    done: list = field(default_factory=list)
-    retries: list = field(default_factory=list)
-    failed: list = field(default_factory=list)
-    finished_files: list = field(default_factory=list)
-    logs: list = field(default_factory=list)  # (event, fields): logged once committed
-    timings: list = field(default_factory=list)  # (job_id, stage, destination, seconds): /metrics histograms
-
-
-@dataclass
-class Plan:
-    """What one job must deliver, or why it cannot be delivered at all."""
-    job: Job
-    items: list[Item] = field(default_factory=list)
-    failure: str | None = None     # permanent: straight to failed/
-    transient: str | None = None   # retry later (e.g. a model error)
-    note: str | None = None        # kept as the job's last_error (e.g. why not enhanced)
-    outcomes: list[tuple[str, Item, Outcome]] = field(default_factory=list)
 
 
 def out_of_space(exc: BaseException | None) -> bool:
@@ -154,17 +125,21 @@ class Worker:
         self.slot = slot  # which of the [worker] processes this is: its jobs are claimed under it
         self.spool = Spool(config.spool.dir).create()
         self.queue = JobQueue(self.spool.db_path)
-        self.enhancer = enhancer
         self.is_derived_by_us = is_derived_by_us or (lambda ds: False)
-        self.enhance_classes = enhanced_classes(config.model.enhance) if enhancer else frozenset()
+        self.routing = Routing(enhanced_classes(config.model.enhance) if enhancer else frozenset(),
+                               parametric_map=config.model.parametric_map,
+                               forward_original=config.model.forward_original)
+        self.derivation = None if enhancer is None else Derivation(
+            self.spool, enhancer, with_maps=config.model.parametric_map, thumbnails=config.http.enabled)
         self.targets = [make_target(d, config.node) for d in config.destinations]
+        self.timings: list = []  # (job_id, stage, destination, seconds) of the batch: /metrics histograms
 
     # --- one batch -----------------------------------------------------------------------
 
     def run_once(self, stop=None) -> int:
         """Claim and work one batch; returns how many jobs it took."""
         jobs = self.queue.claim(BATCH_SIZE, worker=self.slot, share=self.config.worker.processes)
-        self.timings: list = []  # (job_id, stage, destination, seconds): derive and the sends add theirs
+        self.timings = []  # derive and the sends add theirs
         plans: list[Plan] = []
         started = time.monotonic()
         for i, job in enumerate(jobs):
@@ -172,10 +147,16 @@ class Worker:
             if late or (stop is not None and stop.is_set()):
                 self.queue.release([j.id for j in jobs[i:]])  # next batch, untouched
                 break
-            with structlog.contextvars.bound_contextvars(job_id=job.id, association=job.association,
-                                                         sop_instance_uid=job.sop_instance_uid):
+            with structlog.contextvars.bound_contextvars(**job_context(job)):
                 plans.append(self.prepare(job))
-        ready = [p for p in plans if p.failure is None and p.transient is None]
+        delivered = self.send([p for p in plans if p.ready])
+        now = time.time()
+        self.apply([(plan, settle(plan, self.config.retry, now)) for plan in plans], delivered)
+        return len(jobs)
+
+    def send(self, ready: list[Plan]) -> list[tuple[int, str, str, str]]:
+        """Every item of `ready` to every destination that does not have it yet, the outcomes
+        into each plan; returns the deliveries (job_id, destination, item, SOP Instance UID)."""
         delivered: list[tuple[int, str, str, str]] = []
         work = []
         for target in self.targets:
@@ -197,21 +178,11 @@ class Worker:
                     self.timings.append((plan.job.id, "send", target.name, seconds / len(pending)))
                 audit.record("delivered" if outcome.delivered else f"delivery {outcome.result}",
                              association=plan.job.association, calling_ae=plan.job.calling_aet,
-                             sop_instance_uid=item.sop_instance_uid, item=item.kind, destination=target.name,
+                             sop_instance_uid=item.sop_instance_uid, item=item.kind.value, destination=target.name,
                              job_id=plan.job.id, outcome=outcome.detail or "delivered")
                 if outcome.delivered:
-                    delivered.append((plan.job.id, target.name, item.kind, item.sop_instance_uid))
-        batch = Settlement(deliveries=delivered, timings=self.timings)
-        for plan in plans:
-            self.settle(plan, batch)
-        # one commit for the whole batch, then the files of finished jobs go
-        self.queue.settle(batch.deliveries, batch.done, batch.retries, batch.failed, batch.timings)
-        for job_id, path in batch.finished_files:
-            self.spool.remove(path, self.spool.derived_path(job_id), self.maps_path(job_id), sync=False)
-        for event, fields in batch.logs:
-            with structlog.contextvars.bound_contextvars(**fields.pop("context")):
-                getattr(log, fields.pop("level"))(event, **fields)
-        return len(jobs)
+                    delivered.append((plan.job.id, target.name, item.kind.value, item.sop_instance_uid))
+        return delivered
 
     def _recorder(self, destination: str, pending: list[tuple[Plan, Item]]):
         """Records each confirmed delivery at once (from the sending thread), so a crash in
@@ -220,7 +191,7 @@ class Worker:
 
         def record(item: Item) -> None:
             try:
-                self.queue.record_delivery(job_of[id(item)], destination, item.kind, item.sop_instance_uid)
+                self.queue.record_delivery(job_of[id(item)], destination, item.kind.value, item.sop_instance_uid)
             except Exception as exc:  # e.g. a full disk: the batch's settlement records it again
                 log.warning("delivery not recorded yet", destination=destination, error=repr(exc))
         return record
@@ -233,14 +204,14 @@ class Worker:
         except Exception as exc:
             plan.failure = f"not a complete DICOM file: {exc}"
             return plan
-        original = Item("original", job.path, job.sop_class_uid, job.sop_instance_uid, ts)
+        original = Item(ItemKind.ORIGINAL, job.path, job.sop_class_uid, job.sop_instance_uid, ts)
         derived = None
-        if job.sop_class_uid in self.enhance_classes:
+        if self.routing.enhances(job.sop_class_uid):
             if self.is_derived_by_us(ds):
                 log.info("derived by this node already, forwarded as is")
             else:
                 try:
-                    derived = self.derive(job, ds)
+                    derived = self.derivation.derive(job, ds, self.timings)
                 except UnsupportedImage as exc:
                     plan.note = f"not enhanced: {exc}"
                     log.warning("not enhanced", reason=str(exc))
@@ -254,107 +225,58 @@ class Worker:
                         plan.transient = f"enhancement failed: {exc!r}"
                         return plan
                     plan.note = f"not enhanced after {ENHANCE_ATTEMPTS} attempts: {exc!r}"
-        if derived is not None:
-            plan.items.append(derived)
-            if self.config.model.parametric_map:
-                plan.items.append(self.maps_item(job))
-            if self.config.model.forward_original:
-                plan.items.append(original)
-        elif plan.note and not self.config.model.forward_original:
-            plan.failure = f"{plan.note}; forward_original is off, so nothing can be sent"
-        else:
-            plan.items.append(original)
+        plan.items, plan.failure = self.routing.items(original, derived and derived.instance,
+                                                      derived and derived.maps, plan.note)
         return plan
 
-    def derive(self, job: Job, ds: Dataset) -> Item:
-        """The derived instance, made once per job and kept in the spool across retries (with
-        its Parametric Map when [model] parametric_map is on: written first, so a derived file
-        in the spool means both are there)."""
-        path = self.spool.derived_path(job.id)
-        wants_maps = self.config.model.parametric_map
-        if path.exists() and not (wants_maps and not self.maps_path(job.id).exists()):
-            head = dcmread(path, stop_before_pixels=True)
-        else:
-            started = time.perf_counter()
-            head, prediction = self.enhancer.enhance_with_prediction(ds)
-            if wants_maps:
-                maps = self.enhancer.parametric_map(ds, prediction)
-                write_atomic(self.maps_path(job.id), lambda f: maps.save_as(f, enforce_file_format=True))
-            write_atomic(path, lambda f: head.save_as(f, enforce_file_format=True))
-            seconds = time.perf_counter() - started
-            self.timings.append((job.id, "enhance", "", seconds))
-            if self.config.http.enabled:  # the status page's before/after, as a viewer shows them
-                try:
-                    write_thumbnails(self.spool, job.id, ds, head)
-                except Exception as exc:  # a picture for the page is never worth the image
-                    log.warning("thumbnail not written", error=repr(exc))
-            if prediction.guard:
-                log.warning("window guard", derived_uid=str(head.SOPInstanceUID), detail=prediction.guard.describe())
-            log.info("enhanced", derived_uid=str(head.SOPInstanceUID),
-                     seconds=round(seconds, 3))
-            audit.record("derived", association=job.association, calling_ae=job.calling_aet,
-                         sop_instance_uid=str(head.SOPInstanceUID), source_sop_instance_uid=job.sop_instance_uid,
-                         job_id=job.id, outcome="guarded" if prediction.guard else "enhanced")
-        return Item("derived", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
-                    str(head.file_meta.TransferSyntaxUID))
+    # --- settling ------------------------------------------------------------------------
 
-    def maps_path(self, job_id: int):
-        """The job's Parametric Map in the spool, beside its derived instance."""
-        derived = self.spool.derived_path(job_id)
-        return derived.with_name(f"{derived.stem}.maps.dcm")
+    def apply(self, verdicts: list[tuple[Plan, Verdict]], deliveries: list) -> None:
+        """Failed jobs' files to failed/, then one commit for the whole batch (its deliveries
+        and timings too), then the files of finished jobs go and each job's line is logged."""
+        done, retries, failed = [], [], []
+        held = {}
+        for plan, verdict in verdicts:
+            job = plan.job
+            if isinstance(verdict, Fail):
+                held[job.id] = self.hold(job, verdict.reason)
+                failed.append((job.id, verdict.reason, held[job.id]))
+            elif isinstance(verdict, Retry):
+                retries.append((job.id, verdict.reason, verdict.at))
+            else:
+                done.append((job.id, verdict.note))
+        self.queue.settle(deliveries, done, retries, failed, self.timings)
+        for plan, verdict in verdicts:
+            if isinstance(verdict, Done):
+                job_id = plan.job.id
+                self.spool.remove(plan.job.path, self.spool.derived_path(job_id), self.spool.maps_path(job_id),
+                                  sync=False)
+        for plan, verdict in verdicts:
+            with structlog.contextvars.bound_contextvars(**job_context(plan.job)):
+                if isinstance(verdict, Fail):
+                    log.error("failed, held in failed/", path=str(held[plan.job.id]), reason=verdict.reason)
+                elif isinstance(verdict, Retry):
+                    log.warning("will retry", attempt=verdict.attempt, in_seconds=round(verdict.delay, 2),
+                                error=verdict.reason)
+                else:
+                    log.info("delivered", items=[i.kind.value for i in plan.items],
+                             destinations=[t.name for t in self.targets])
 
-    def maps_item(self, job: Job) -> Item:
-        path = self.maps_path(job.id)
-        head = dcmread(path, stop_before_pixels=True)
-        return Item("parametric-map", path, str(head.SOPClassUID), str(head.SOPInstanceUID),
-                    str(head.file_meta.TransferSyntaxUID))
-
-    def settle(self, plan: Plan, batch: Settlement) -> None:
-        """Decide the job's fate into `batch`; only failures touch files here (failed/)."""
-        job = plan.job
-        context = {"job_id": job.id, "association": job.association,
-                   "sop_instance_uid": job.sop_instance_uid}
-        failures = [f"{dest}: {o.detail}" for dest, _, o in plan.outcomes if o.result == "failed"]
-        retries = [f"{o.detail}" for _, _, o in plan.outcomes if o.result == "retry"]
-        if plan.failure:
-            failures.insert(0, plan.failure)
-        if plan.transient:
-            retries.insert(0, plan.transient)
-        if failures:
-            self.hold(job, "; ".join(failures), batch)
-            return
-        if retries:
-            reason = "; ".join(dict.fromkeys(retries))
-            age_hours = (time.time() - job.received_at) / 3600
-            if age_hours >= self.config.retry.give_up_hours:
-                self.hold(job, f"gave up after {job.attempts + 1} attempts over {age_hours:.1f} h:"
-                               f" {reason}", batch)
-                return
-            delay = backoff_seconds(job.attempts + 1, self.config.retry)
-            batch.retries.append((job.id, reason, time.time() + delay))
-            batch.logs.append(("will retry", {"level": "warning", "context": context,
-                                              "attempt": job.attempts + 1,
-                                              "in_seconds": round(delay, 2), "error": reason}))
-            return
-        batch.done.append((job.id, plan.note))
-        batch.finished_files.append((job.id, job.path))
-        batch.logs.append(("delivered", {"level": "info", "context": context,
-                                         "items": [i.kind for i in plan.items],
-                                         "destinations": [t.name for t in self.targets]}))
-
-    def hold(self, job: Job, reason: str, batch: Settlement) -> None:
+    def hold(self, job: Job, reason: str):
+        """The job's file into failed/ with its reason; its derived files go. Returns the held path."""
         text = (f"job {job.id}\nSOP Instance UID {job.sop_instance_uid}\n"
                 f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}"
                 f" (association {job.association})\n"
                 f"received {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(job.received_at))}\n"
                 f"reason: {reason}\n")
         held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)
-        self.spool.remove(self.spool.derived_path(job.id), self.maps_path(job.id))
-        batch.failed.append((job.id, reason, held))
-        batch.logs.append(("failed, held in failed/", {
-            "level": "error", "path": str(held), "reason": reason,
-            "context": {"job_id": job.id, "association": job.association,
-                        "sop_instance_uid": job.sop_instance_uid}}))
+        self.spool.remove(self.spool.derived_path(job.id), self.spool.maps_path(job.id))
+        return held
+
+
+def job_context(job: Job) -> dict:
+    """What a job's log lines carry (bound with contextvars)."""
+    return {"job_id": job.id, "association": job.association, "sop_instance_uid": job.sop_instance_uid}
 
 
 def limit_threads(config: Config) -> dict:
@@ -452,7 +374,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     if slot == 0:
         adopt_unconfigured_slots(worker)
     log.info("worker ready", destinations=[t.name for t in worker.targets],
-             enhance=sorted(worker.enhance_classes))
+             enhance=sorted(worker.routing.enhance_classes))
     parent = multiprocessing.parent_process()
     unsettled = False  # a batch could not be put back (a full disk): jobs stuck in processing
     while not stop.is_set():

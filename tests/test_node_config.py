@@ -9,7 +9,7 @@ import pytest
 from dicom_node.config import DicomDestination, FolderDestination, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.forwarder import classify_status
-from dicom_node.worker import backoff_seconds
+from dicom_node.settlement import backoff_seconds
 from dicom_node.writer import enhanced_classes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -249,7 +249,7 @@ def window_from_presentation(z: np.ndarray) -> tuple[float, float]:
 
 
 @dataclass
-class Item:
+class ArchiveItem:
     """One cached row: full-resolution x and target z (memory-mapped), low-res x and maps."""
 
     id: str
@@ -288,7 +288,7 @@ class Archive:
             validate_files(self.source, self.rows)
         self.downsample = downsample
         self.cache = Path(cache) if cache else self.path.parent / f"{self.path.name}.cache"
-        self._items: dict[str, Item] = {}
+        self._items: dict[str, ArchiveItem] = {}
 
     def key(self, row: Row) -> str:
         h = hashlib.sha1(CACHE_VERSION.encode())
@@ -297,7 +297,7 @@ class Archive:
             h.update(f"{column}={name}:{self.source.stamp(name) if name else ''};".encode())
         return f"{row.id}-{h.hexdigest()[:16]}"
 
-    def item(self, row: Row) -> Item:
+    def item(self, row: Row) -> ArchiveItem:
         if row.id in self._items:
             return self._items[row.id]
         stem = self.cache / self.key(row)
@@ -314,7 +314,7 @@ class Archive:
             tmp = low_path.with_name(f"{low_path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, x=low_x.astype(np.float32), maps=low_maps.astype(np.float32))
             tmp.replace(low_path)
-        item = Item(row.id, row.split, row.group, x_path, z_path, low_path)
+        item = ArchiveItem(row.id, row.split, row.group, x_path, z_path, low_path)
         self._items[row.id] = item
         return item
 
@@ -343,7 +343,7 @@ class Archive:
         maps = torch.stack([torch.from_numpy(a), torch.from_numpy(b), torch.full(shape, wc), torch.full(shape, ww)])
         return x, z, maps
 
-    def items(self, split: str | None = None, progress=None) -> list[Item]:
+    def items(self, split: str | None = None, progress=None) -> list[ArchiveItem]:
         out = []
         for row in self.rows:
             if split is None or row.split == split:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from model.remap import remap, sample_bilinear, upsample_maps
-from training.archive import Item
+from training.archive import ArchiveItem
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _grid(warp: Warp, rows: np.ndarray, cols: np.ndarray):
     return torch.from_numpy(src_c), torch.from_numpy(src_r)
 
 
-def make_sample(item: Item, rng: np.random.Generator, crop: int, downsample: int,
+def make_sample(item: ArchiveItem, rng: np.random.Generator, crop: int, downsample: int,
                 aug: AugmentConfig = NO_AUGMENT, centre: bool = False, points: int = 0) -> Sample:
     x_low_np, maps_np = item.low()
     x_full, z_full = item.x, item.z
