@@ -20,6 +20,7 @@ import torch
 
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import ModelStamp, derive_instance
+from benchmarks.stamp import cpu_description, git_commit
 from model import DEFAULT_WEIGHTS
 from model.checkpoint import save_checkpoint
 from model.net import ModelConfig, build_model
@@ -71,7 +72,8 @@ def main() -> None:
             rows[key].append(value)
 
     med = {k: statistics.median(v[1:]) for k, v in rows.items()}
-    print(f"enhance core, 2500x2000 uncompressed, CPU, torch threads={torch.get_num_threads()}, median of {args.repeats}")
+    print(f"enhance core: commit {git_commit()}; {cpu_description()}")
+    print(f"  2500x2000 uncompressed, CPU, torch threads={torch.get_num_threads()}, median of {args.repeats}")
     print(f"weights: {weights}")
     for key, value in med.items():
         print(f"  {key:<11} {value * 1000:8.1f} ms")
