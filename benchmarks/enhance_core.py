@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.stamp import cpu_description, git_commit
 from dicom_node.reader import load_dataset, read_radiograph
 from dicom_node.writer import ModelStamp, derive_instance
-from benchmarks.stamp import cpu_description, git_commit
 from model import DEFAULT_WEIGHTS
 from model.checkpoint import save_checkpoint
 from model.net import ModelConfig, build_model
