@@ -14,7 +14,6 @@ images per day per core that go into the README's sizing paragraph.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import multiprocessing
 import shutil
 import statistics
@@ -27,21 +26,9 @@ from dicom_node.config import available_cores, load_config
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
 from model import DEFAULT_WEIGHTS
-from support.helpers import phantom_dataset
+from support.helpers import flock_held, phantom_dataset
 
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def _holds_lock(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 def run_once(folder: Path, sources: list[Path], weights: str, processes: int, threads: int) -> tuple[float, float]:
@@ -69,7 +56,7 @@ def run_once(folder: Path, sources: list[Path], weights: str, processes: int, th
         for p in procs:
             p.start()
         deadline = time.monotonic() + 300
-        while not all(_holds_lock(spool.root / Spool.worker_lock_name(s)) for s in range(processes)):
+        while not all(flock_held(spool.root / Spool.worker_lock_name(s)) for s in range(processes)):
             if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
                 raise SystemExit("the workers did not become ready")
             time.sleep(0.1)

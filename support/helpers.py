@@ -105,3 +105,18 @@ def phantom_dataset(rows=1200, cols=1000, bits=12, seed=0, modality="CR", photom
         ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
         ds.PatientOrientation = ""
     return ds
+
+
+def flock_held(path: Path) -> bool:
+    """Whether another process holds the flock on `path` (a worker that is ready holds its slot's)."""
+    import fcntl
+
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False

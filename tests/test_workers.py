@@ -2,7 +2,6 @@
 worked exactly once; the thread setting and its default."""
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing
 import time
@@ -16,7 +15,7 @@ from dicom_node.config import WorkerSettings, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
-from support.helpers import phantom_dataset
+from support.helpers import flock_held, phantom_dataset
 from support.node_peers import NodeProcess, copies_with_new_uids, storescu, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -92,19 +91,6 @@ def _config(tmp_path: Path, weights: Path, processes: int, threads: int = 1) -> 
     return config
 
 
-def _holds_lock(path: Path) -> bool:
-    """Whether another process holds the flock on `path`."""
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
-
-
 @pytest.mark.timeout(300)
 def test_two_worker_processes_on_one_queue_work_every_job_exactly_once(tmp_path, constant_weights):
     """Real worker processes (worker.main, as the node spawns them), real files in the spool,
@@ -122,7 +108,7 @@ def test_two_worker_processes_on_one_queue_work_every_job_exactly_once(tmp_path,
         for p in procs:
             p.start()
         # both idle and waiting (each took its slot's lock just before "worker ready")
-        wait_until(lambda: all(_holds_lock(spool.root / Spool.worker_lock_name(s)) for s in range(2)), 120,
+        wait_until(lambda: all(flock_held(spool.root / Spool.worker_lock_name(s)) for s in range(2)), 120,
                    what="both workers to be ready")
         n = 60
         uids = []
