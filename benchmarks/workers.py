@@ -26,7 +26,7 @@ from dicom_node.config import available_cores, load_config
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
 from model import DEFAULT_WEIGHTS
-from support.helpers import flock_held, phantom_dataset
+from support.helpers import flock_held, phantom_dataset, write_worker_config
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -38,14 +38,7 @@ def run_once(folder: Path, sources: list[Path], weights: str, processes: int, th
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    config_path = folder / "config.toml"
-    config_path.write_text("\n".join([
-        "[spool]", 'dir = "spool"',
-        "[model]", f'weights = "{weights}"', 'device = "cpu"', 'enhance = ["CR", "DX"]',
-        "[worker]", f"processes = {processes}", f"threads = {threads}",
-        "[logging]", 'format = "json"', 'level = "error"',
-        "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
-    ]) + "\n")
+    config_path = write_worker_config(folder, weights, processes, threads, level="error")
     config = load_config(config_path)
     spool = Spool(config.spool.dir).create()
     queue = JobQueue(spool.db_path)

@@ -120,3 +120,20 @@ def flock_held(path: Path) -> bool:
             return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         return False
+
+
+def write_worker_config(folder: Path, weights: Path | str, processes: int, threads: int = 0,
+                        enhance: tuple[str, ...] = ("CR", "DX"), level: str = "warning") -> Path:
+    """A config.toml in `folder` for worker processes without an SCP: spool and a folder
+    destination `outbox` inside `folder`, the model on the CPU, [worker] processes and threads."""
+    import json
+
+    config = folder / "config.toml"
+    config.write_text("\n".join([
+        "[spool]", 'dir = "spool"',
+        "[model]", f"weights = {json.dumps(str(weights))}", 'device = "cpu"', f"enhance = {json.dumps(list(enhance))}",
+        "[worker]", f"processes = {processes}", f"threads = {threads}",
+        "[logging]", 'format = "json"', f"level = {json.dumps(level)}",
+        "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
+    ]) + "\n")
+    return config

@@ -15,7 +15,7 @@ from dicom_node.config import WorkerSettings, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
-from support.helpers import flock_held, phantom_dataset
+from support.helpers import flock_held, phantom_dataset, write_worker_config
 from support.node_peers import NodeProcess, copies_with_new_uids, storescu, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -80,15 +80,7 @@ def test_a_queue_made_before_worker_slots_gets_the_column_and_slot_0_owns_its_cl
 
 
 def _config(tmp_path: Path, weights: Path, processes: int, threads: int = 1) -> Path:
-    config = tmp_path / "config.toml"
-    config.write_text("\n".join([
-        "[spool]", 'dir = "spool"',
-        "[model]", f"weights = {json.dumps(str(weights))}", 'device = "cpu"', 'enhance = ["CR"]',
-        "[worker]", f"processes = {processes}", f"threads = {threads}",
-        "[logging]", 'format = "json"', 'level = "warning"',
-        "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
-    ]) + "\n")
-    return config
+    return write_worker_config(tmp_path, weights, processes, threads, enhance=("CR",))
 
 
 @pytest.mark.timeout(300)
