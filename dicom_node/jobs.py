@@ -210,18 +210,20 @@ class JobQueue:
         """Move up to `limit` ready jobs (oldest first) to processing for worker slot `worker`,
         and return them. One transaction (BEGIN IMMEDIATE: one writer at a time), so two workers
         never take the same job. With `share` workers, a worker takes at most its share of what
-        is ready (rounded up), so that a short queue is spread over all of them."""
+        is ready (rounded up), so that a short queue is spread over all of them. A newer copy of
+        an instance another worker is still working on waits for it: else the older copy could
+        reach a destination last."""
         now = time.time() if now is None else now
+        ready = ("FROM jobs WHERE state = 'received' AND next_attempt_at <= ? AND NOT EXISTS"
+                 " (SELECT 1 FROM jobs AS busy WHERE busy.sop_instance_uid = jobs.sop_instance_uid"
+                 " AND busy.state = 'processing')")
         conn = self._conn()
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             if share > 1:
-                ready = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'received' AND next_attempt_at <= ?",
-                                     (now,)).fetchone()[0]
-                limit = min(limit, -(-ready // share))
-            rows = conn.execute(
-                "SELECT * FROM jobs WHERE state = 'received' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
+                count = conn.execute(f"SELECT COUNT(*) {ready}", (now,)).fetchone()[0]
+                limit = min(limit, -(-count // share))
+            rows = conn.execute(f"SELECT * {ready} ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
             conn.executemany("UPDATE jobs SET state = 'processing', claimed_by = ?, updated_at = ? WHERE id = ?",
                              [(worker, now, row["id"]) for row in rows])
         return [Job.from_row(row) for row in rows]

@@ -58,6 +58,18 @@ def test_claims_from_several_processes_never_take_a_job_twice(tmp_path):
     assert queue.counts()["processing"] == 600 - len(claimed[2])
 
 
+def test_a_newer_copy_of_an_instance_another_worker_is_working_on_waits_for_it(tmp_path):
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    first, _ = queue.add("1.2.3.9", "1.2.840.10008.5.1.4.1.1.1", tmp_path / "first.dcm")
+    other, _ = queue.add("1.2.3.10", "1.2.840.10008.5.1.4.1.1.1", tmp_path / "other.dcm")
+    assert [j.id for j in queue.claim(1, worker=0, share=2)] == [first]  # slot 0 works on copy 1
+    second, _ = queue.add("1.2.3.9", "1.2.840.10008.5.1.4.1.1.1", tmp_path / "second.dcm")
+    assert second != first  # copy 1 is in processing: copy 2 is queued, not superseding it
+    assert [j.id for j in queue.claim(5, worker=1)] == [other]  # copy 2 waits for copy 1
+    queue.settle(done=[(first, None)])
+    assert [j.id for j in queue.claim(5, worker=1)] == [second]  # now it goes, after copy 1
+
+
 def test_a_queue_made_before_worker_slots_gets_the_column_and_slot_0_owns_its_claims(tmp_path):
     import sqlite3
 
