@@ -42,6 +42,25 @@ def test_the_pdu_socket_returns_what_pynetdicoms_socket_returns():
     assert all(type(part) is bytearray for part in ours)
 
 
+@pytest.mark.timeout(30)
+def test_a_pdu_that_claims_4_gib_and_sends_10_bytes_costs_no_4_gib():
+    import tracemalloc
+
+    sender, receiver = socket.socketpair()
+    wrapped = PduSocket(Association(AE(), "acceptor"), client_socket=receiver)
+    sender.sendall(b"0123456789")
+    sender.close()
+    tracemalloc.start()
+    try:
+        got = wrapped.recv(1 << 32)  # what a PDU header's length may claim
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        receiver.close()
+    assert bytes(got) == b"0123456789"
+    assert peak <= PduSocket.FIRST_BUFFER + (1 << 20)  # grown as bytes arrive, not to the claimed length
+
+
 @pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.1" + "0" * 36])
 def test_the_file_meta_is_encoded_as_pynetdicom_encodes_it(sop_instance_uid):
     from pydicom.uid import UID
@@ -95,3 +114,21 @@ def test_a_second_copy_of_a_waiting_instance_replaces_the_first_in_the_spool(tmp
     assert dataset_bytes(kept) == dataset_bytes(sent)  # the data set exactly as sent
     assert pydicom.dcmread(kept).file_meta.MediaStorageSOPInstanceUID == pydicom.dcmread(sent).SOPInstanceUID
     queue.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_pdu_longer_than_the_first_buffer_arrives_whole():
+    sender, receiver = socket.socketpair()
+    wrapped = PduSocket(Association(AE(), "acceptor"), client_socket=receiver)
+    payload = bytes(range(256)) * (3 * PduSocket.FIRST_BUFFER // 256) + b"end"
+
+    def send() -> None:
+        sender.sendall(payload)
+        sender.close()
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        assert bytes(wrapped.recv(len(payload))) == payload
+    finally:
+        thread.join(10)
+        receiver.close()
