@@ -161,6 +161,8 @@ class QueueCollector:
             yield info
 
 
+MAX_FORM_BYTES = 4096
+REQUEST_TIMEOUT_SECONDS = 10
 _THUMBNAIL = re.compile(r"^/thumbs/(\d+)/(before|after)\.png$")
 
 
@@ -221,7 +223,13 @@ def serve_http(config: Config, spool: Spool, worker_alive: Callable[[], bool],
             if urllib.parse.urlsplit(self.path).path != "/retry":
                 self.answer(404, b"not found: POST /retry\n", "text/plain")
                 return
-            length = min(int(self.headers.get("Content-Length") or 0), 4096)
+            try:  # a form of a job id and a token: a few hundred bytes at most
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_FORM_BYTES:
+                self.answer(400, f"Content-Length must be 0 to {MAX_FORM_BYTES}\n".encode(), "text/plain")
+                return
             form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
             if not token_accepted(config, form.get("token", [""])[0]):
                 log.warning("retry refused: no or wrong admin token", client=self.client_address[0])
@@ -262,6 +270,8 @@ def serve_http(config: Config, spool: Spool, worker_alive: Callable[[], bool],
 
         def log_message(self, *args):  # scrapes are not worth a log line each
             pass
+
+    Handler.timeout = REQUEST_TIMEOUT_SECONDS  # a client that stops mid-request frees its thread
 
     server = ThreadingHTTPServer((config.http.host, config.http.port), Handler)
     server.daemon_threads = True

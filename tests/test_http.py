@@ -90,6 +90,12 @@ def test_health_and_metrics_report_what_the_node_did(tmp_path, peers, constant_w
     assert get(http_port, "/thumbs/2/after.png")[0] == 404  # the CT was not enhanced
     status, body = post(http_port, "/retry", {"job": "1", "token": ""})
     assert status == 401 and b"[http] admin_token is not set" in body  # no token configured: retry is off
+    import socket  # a body the form cannot be: refused before anything is read
+    for length in ("-1", "100000", "many"):
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as raw:
+            raw.sendall(f"POST /retry HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+            assert raw.recv(100).startswith(b"HTTP/1.0 400"), length
+    assert get(http_port, "/health")[0] == 200  # and the endpoint is still there
 
     incoming = node.spool / "incoming"  # the spool can no longer take a file: not healthy
     incoming.rmdir()
