@@ -30,10 +30,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
-            full_float32_on_cuda()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
         return torch.device(device)
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
@@ -94,6 +92,8 @@ class Predictor:
             raise ValueError(f"max_burnt_out must be within [0, 1), got {max_burnt_out!r}")
         self.weights = Path(weights)
         self.device = resolve_device(device)
+        if self.device.type == "cuda":  # inference only: training keeps TF32's speed
+            full_float32_on_cuda()
         self.max_burnt_out = max_burnt_out
         self.baselines = baselines  # builders of other architectures (model.net.build_model)
         self._checkpoint: Checkpoint | None = None

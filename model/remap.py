@@ -158,7 +158,12 @@ def _remap_in_bands(x4, values, maps, downsample: int, want_z: bool):
     if _fused_available():
         low = _low_stack(values, maps, want_z)
         if low is not None:
-            return _fused_remap(x4, low, downsample, want_z)
+            try:
+                return _fused_remap(x4, low, downsample, want_z)
+            except Exception as exc:  # compiling or loading it failed (a broken cache, llvmlite): slower, not down
+                warnings.warn(f"the fused remap kernel failed, the slower torch path is used from now on: {exc!r}",
+                              RuntimeWarning, stacklevel=2)
+                _numba_state[:] = [False]
     return _remap_in_torch_bands(x4, values, maps, downsample, want_z)
 
 

@@ -107,6 +107,24 @@ def test_both_inference_kernels_equal_the_differentiable_path(shape, ds, fused, 
     assert torch.allclose(constant.y, torch.clamp(0.7 * x + 0.1, 0, 1), rtol=0, atol=1.2e-7)  # one float32 ulp
 
 
+def test_a_fused_kernel_that_fails_leaves_the_torch_path_with_a_warning(monkeypatch):
+    from model import remap as remap_module
+
+    def broken(*args):  # what a stale numba cache or a llvmlite mismatch raises at first call
+        raise RuntimeError("cannot load the compiled kernel")
+
+    monkeypatch.setattr(remap_module, "_numba_state", [True])
+    monkeypatch.setattr(remap_module, "_fused_remap", broken)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 1, 64, 48, generator=g)
+    low = [torch.rand(1, 1, 8, 6, generator=g) for _ in range(4)]
+    with pytest.warns(RuntimeWarning, match="the slower torch path is used"):
+        fast = remap(x, low[0], low[1], low[2], low[3] + 0.05, downsample=8)
+    plain = remap(x, low[0].clone().requires_grad_(True), low[1], low[2], low[3] + 0.05, downsample=8)
+    assert torch.allclose(fast.y, plain.y.detach(), atol=1e-6) and torch.allclose(fast.z, plain.z.detach(), atol=1e-6)
+    assert remap_module._numba_state == [False]  # not tried again on every image
+
+
 def test_the_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
     from model import remap as remap_module
 
