@@ -130,7 +130,7 @@ class Worker:
                                parametric_map=config.model.parametric_map,
                                forward_original=config.model.forward_original)
         self.derivation = None if enhancer is None else Derivation(
-            self.spool, enhancer, with_maps=config.model.parametric_map, thumbnails=config.http.enabled)
+            self.spool, enhancer, with_maps=config.model.parametric_map, thumbnails=config.http.enabled and config.http.thumbnails)
         self.targets = [make_target(d, config.node) for d in config.destinations]
         self.timings: list = []  # (job_id, stage, destination, seconds) of the batch: /metrics histograms
 

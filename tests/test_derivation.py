@@ -47,6 +47,23 @@ def test_derive_writes_the_instance_and_its_map_once_and_reuses_them(tmp_path, c
     assert len(timings) == 1, "a retry must not enhance again"
 
 
+@pytest.mark.parametrize("thumbnails", [True, False])
+def test_thumbnails_are_drawn_only_when_asked_for(tmp_path, constant_weights, thumbnails):
+    from PIL import Image
+
+    from dicom_node.thumbnails import thumbnail_path
+
+    source = Path(get_testdata_file("RG3_UNCR.dcm"))
+    spool = Spool(tmp_path / "spool").create()
+    derivation = Derivation(spool, Enhancer(constant_weights, device="cpu"), thumbnails=thumbnails)
+    derivation.derive(cr_job(source), pydicom.dcmread(source), [])
+    pictures = [thumbnail_path(spool, 5, side) for side in ("before", "after")]
+    if thumbnails:  # [http] thumbnails = true: both drawn, as viewer-sized 8-bit PNGs
+        assert all(max(Image.open(p).size) <= 256 for p in pictures)
+    else:  # false: no patient picture anywhere in the spool
+        assert not any(p.exists() for p in pictures) and not list(spool.root.rglob("*.png"))
+
+
 def test_a_derivation_needs_a_spool_and_an_enhancer(tmp_path):
     with pytest.raises(TypeError, match="spool must be a Spool"):
         Derivation(tmp_path, object())
