@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS timings (
 """
 
 TIMED_STAGES = ("enhance", "send")
+_NEWEST_COPY = ("NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.sop_instance_uid = jobs.sop_instance_uid"
+                " AND later.id > jobs.id)")
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,12 @@ class JobQueue:
                 " path = ?, updated_at = ? WHERE id = ?",
                 [(error, str(held), now, job_id) for job_id, error, held in failed])
 
+    def superseded(self, job_ids: list[int]) -> set[int]:
+        """Those of these jobs whose instance came again later (a newer job): not retried."""
+        marks = ",".join("?" * len(job_ids))
+        return {row[0] for row in self._conn().execute(
+            f"SELECT id FROM jobs WHERE id IN ({marks}) AND NOT {_NEWEST_COPY}", list(job_ids))}
+
     def requeue_failed(self, job_ids: list[int] | None = None) -> list[Job]:
         """Failed jobs (these, or all with None) back to received, due now, attempts and the
         give-up clock started again; their held file stays where it is (job.path) until done.
@@ -287,13 +295,11 @@ class JobQueue:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             # a failed job whose instance came again later (a newer job) is superseded: not retried
-            newest = ("NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.sop_instance_uid = jobs.sop_instance_uid"
-                      " AND later.id > jobs.id)")
             if job_ids is None:
-                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {newest}").fetchall()
+                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {_NEWEST_COPY}").fetchall()
             else:
                 marks = ",".join("?" * len(job_ids))
-                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {newest} AND id IN ({marks})",
+                rows = conn.execute(f"SELECT * FROM jobs WHERE state = 'failed' AND {_NEWEST_COPY} AND id IN ({marks})",
                                     list(job_ids)).fetchall()
             conn.executemany(
                 "UPDATE jobs SET state = 'received', attempts = 0, received_at = ?, next_attempt_at = ?,"

@@ -19,8 +19,10 @@ def retry_failed(spool: Spool, queue: JobQueue, job_ids: list[int] | None) -> Re
     failure cannot lose its fresh reason; the reason stays in the job's last error until done."""
     wanted = None if job_ids is None else set(job_ids)
     chosen = [j for j in queue.jobs("failed", limit=1_000_000) if wanted is None or j.id in wanted]
+    stays = queue.superseded([j.id for j in chosen])  # held as they are, reason file and all
     for job in chosen:
-        spool.remove(job.path.with_name(job.path.name + ".reason.txt"))
+        if job.id not in stays:
+            spool.remove(job.path.with_name(job.path.name + ".reason.txt"))
     requeued = queue.requeue_failed([j.id for j in chosen])
     again = {j.id for j in requeued}
     return RetryResult(requeued=requeued, superseded=[j for j in chosen if j.id not in again],

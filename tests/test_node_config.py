@@ -203,3 +203,27 @@ def test_holding_a_failed_file_twice_keeps_the_file_and_both_reasons(tmp_path):
     assert "cannot decode pixel data" in reasons and "source file missing" in reasons
     spool.hold_failed(7, source, "1.2.3", "reason: source file missing")
     assert held.with_name(held.name + ".reason.txt").read_text() == reasons
+
+
+def test_retry_leaves_a_superseded_failed_job_held_with_its_reason(tmp_path):
+    from dicom_node.jobs import JobQueue
+    from dicom_node.retry import retry_failed
+    from dicom_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool").create()
+    queue = JobQueue(spool.db_path)
+    old, _ = queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", spool.incoming / "old.dcm")
+    (spool.incoming / "old.dcm").write_bytes(b"old copy")
+    held = spool.hold_failed(old, spool.incoming / "old.dcm", "1.2.3", "reason: refused\n")
+    queue.settle(failed=[(old, "refused", held)])
+    other, _ = queue.add("1.2.4", "1.2.840.10008.5.1.4.1.1.2", spool.incoming / "other.dcm")
+    (spool.incoming / "other.dcm").write_bytes(b"other")
+    held_other = spool.hold_failed(other, spool.incoming / "other.dcm", "1.2.4", "reason: refused\n")
+    queue.settle(failed=[(other, "refused", held_other)])
+    queue.add("1.2.3", "1.2.840.10008.5.1.4.1.1.2", spool.incoming / "new.dcm")  # the instance again
+
+    result = retry_failed(spool, queue, None)
+
+    assert [j.id for j in result.superseded] == [old] and [j.id for j in result.requeued] == [other]
+    assert held.with_name(held.name + ".reason.txt").read_text() == "reason: refused\n"  # kept with its file
+    assert not held_other.with_name(held_other.name + ".reason.txt").exists()  # queued again: reason in the job
