@@ -21,6 +21,8 @@ Connections are per thread: the SCP's association threads each write their own j
 from __future__ import annotations
 
 import os
+import bisect
+import itertools
 import sqlite3
 import threading
 import time
@@ -61,16 +63,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL NOT NULL,
     PRIMARY KEY (job_id, destination, item)
 );
-CREATE TABLE IF NOT EXISTS timings (
-    job_id INTEGER NOT NULL,
-    stage TEXT NOT NULL CHECK (stage IN ('enhance', 'send')),
+CREATE TABLE IF NOT EXISTS timing_buckets (
+    stage TEXT NOT NULL,
     destination TEXT NOT NULL DEFAULT '',
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (stage, destination, bucket)
+);
+CREATE TABLE IF NOT EXISTS timing_sums (
+    stage TEXT NOT NULL,
+    destination TEXT NOT NULL DEFAULT '',
+    count INTEGER NOT NULL,
     seconds REAL NOT NULL,
-    recorded_at REAL NOT NULL
+    PRIMARY KEY (stage, destination)
 );
 """
 
 TIMED_STAGES = ("enhance", "send")
+# upper bounds (seconds) of the timing histograms' buckets; one more bucket holds what is above.
+# The queue keeps the counts per bucket, not each time: a scrape reads a few rows, however old
+# the node is.
+TIMING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _NEWEST_COPY = ("NOT EXISTS (SELECT 1 FROM jobs AS later WHERE later.sop_instance_uid = jobs.sop_instance_uid"
                 " AND later.id > jobs.id)")
 
@@ -266,7 +279,14 @@ class JobQueue:
         with self._conn() as conn:
             conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)",
                              [(*d, now) for d in deliveries])
-            conn.executemany("INSERT INTO timings VALUES (?, ?, ?, ?, ?)", [(*t, now) for t in timings])
+            conn.executemany(
+                "INSERT INTO timing_buckets VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (stage, destination, bucket) DO UPDATE SET count = count + 1",
+                [(stage, dest, bisect.bisect_left(TIMING_BUCKETS, seconds)) for _, stage, dest, seconds in timings])
+            conn.executemany(
+                "INSERT INTO timing_sums VALUES (?, ?, 1, ?) ON CONFLICT (stage, destination)"
+                " DO UPDATE SET count = count + 1, seconds = seconds + excluded.seconds",
+                [(stage, dest, seconds) for _, stage, dest, seconds in timings])
             conn.executemany(
                 "UPDATE jobs SET state = 'done', attempts = attempts + 1,"
                 " last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ?",
@@ -354,14 +374,19 @@ class JobQueue:
             "SELECT COALESCE(SUM(CASE WHEN state IN ('done', 'failed') THEN MAX(attempts - 1, 0)"
             " ELSE attempts END), 0) FROM jobs").fetchone()[0]
 
-    def timing_histogram(self, stage: str, buckets: tuple[float, ...]) -> dict[str, tuple[list[int], int, float]]:
+    def timing_histogram(self, stage: str) -> dict[str, tuple[list[int], int, float]]:
         """Seconds spent in `stage`, per destination ('' for enhance): (cumulative count at or
-        below each bucket bound, count, sum), as a Prometheus histogram wants them."""
-        at_or_below = ", ".join(f"SUM(seconds <= {float(b)!r})" for b in buckets)
-        rows = self._conn().execute(
-            f"SELECT destination, COUNT(*), SUM(seconds), {at_or_below} FROM timings WHERE stage = ?"
-            " GROUP BY destination", (stage,))
-        return {row[0]: (list(row[3:]), row[1], row[2]) for row in rows}
+        below each of TIMING_BUCKETS, count, sum), as a Prometheus histogram wants them."""
+        per_bucket: dict[str, list[int]] = {}
+        for dest, bucket, count in self._conn().execute(
+                "SELECT destination, bucket, count FROM timing_buckets WHERE stage = ?", (stage,)):
+            per_bucket.setdefault(dest, [0] * (len(TIMING_BUCKETS) + 1))[bucket] += count
+        histogram = {}
+        for dest, count, seconds in self._conn().execute(
+                "SELECT destination, count, seconds FROM timing_sums WHERE stage = ?", (stage,)):
+            cumulative = list(itertools.accumulate(per_bucket.get(dest, [0] * (len(TIMING_BUCKETS) + 1))))
+            histogram[dest] = (cumulative[:-1], count, seconds)
+        return histogram
 
     def last_delivery_at(self, destination: str) -> float | None:
         return self._conn().execute("SELECT MAX(delivered_at) FROM deliveries WHERE destination = ?",

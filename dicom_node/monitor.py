@@ -9,7 +9,7 @@ loaded (and on which device), each destination's last delivery and last error.
 from the queue database at each scrape: the database is what the node and its worker share, so
 the worker's figures (enhanced, forwarded, retries) need no multiprocess mode and survive a
 restart; so are the enhancement and send histograms (the worker records each time in the
-queue's timings table with its batch). The store histogram is the node process's own (the
+queue's timing buckets with its batch). The store histogram is the node process's own (the
 C-STORE handler's time until the answer: the ack latency).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 from dicom_node.config import Config
-from dicom_node.jobs import STATES, JobQueue, iso_utc
+from dicom_node.jobs import STATES, TIMING_BUCKETS, JobQueue, iso_utc
 from dicom_node.retry import retry_failed
 from dicom_node.spool import Spool, write_atomic
 from dicom_node.status_page import RecentInstance, StatusView, render_status_page
@@ -40,7 +40,6 @@ REGISTRY = CollectorRegistry()
 STORE_SECONDS = Histogram("dicom_node_store_seconds", "C-STORE handling in the node: spool write, fsyncs, "
                           "queue commit, until the answer", registry=REGISTRY,
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-WORK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TIMED = {  # queue timings stage -> (metric name, help)
     "enhance": ("dicom_node_enhance_seconds", "Worker: one derived instance made (decode, model, remap, encode, write)"),
     "send": ("dicom_node_send_seconds", "Worker: one item sent until the destination confirmed it"),
@@ -117,14 +116,14 @@ class QueueCollector:
             retries = queue.retry_count() if queue else 0
             counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
             oldest = queue.oldest_pending() if queue else None
-            timings = {stage: queue.timing_histogram(stage, WORK_BUCKETS) if queue else {} for stage in TIMED}
+            timings = {stage: queue.timing_histogram(stage) if queue else {} for stage in TIMED}
         finally:
             if queue:
                 queue.close()
         for stage, (name, text) in TIMED.items():
             family = HistogramMetricFamily(name, text, labels=["destination"] if stage == "send" else None)
             for destination, (cumulative, count, total) in timings[stage].items():
-                buckets = [(repr(float(b)), n) for b, n in zip(WORK_BUCKETS, cumulative)] + [("+Inf", count)]
+                buckets = [(repr(float(b)), n) for b, n in zip(TIMING_BUCKETS, cumulative)] + [("+Inf", count)]
                 family.add_metric([destination] if stage == "send" else [], buckets, total)
             yield family
         received = CounterMetricFamily("dicom_node_received", "Instances stored and acknowledged",

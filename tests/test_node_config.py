@@ -227,3 +227,19 @@ def test_retry_leaves_a_superseded_failed_job_held_with_its_reason(tmp_path):
     assert [j.id for j in result.superseded] == [old] and [j.id for j in result.requeued] == [other]
     assert held.with_name(held.name + ".reason.txt").read_text() == "reason: refused\n"  # kept with its file
     assert not held_other.with_name(held_other.name + ".reason.txt").exists()  # queued again: reason in the job
+
+
+def test_timing_histograms_keep_counts_per_bucket_not_each_time(tmp_path):
+    from dicom_node.jobs import TIMING_BUCKETS, JobQueue
+
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    queue.settle(timings=[(1, "enhance", "", 0.005), (2, "enhance", "", 0.01), (3, "enhance", "", 0.3)])
+    queue.settle(timings=[(4, "enhance", "", 100.0), (4, "send", "pacs", 0.02)])
+
+    (cumulative, count, total), = queue.timing_histogram("enhance").values()
+    at = dict(zip(TIMING_BUCKETS, cumulative))
+    assert (at[0.01], at[0.25], at[0.5], at[60], count) == (2, 2, 3, 3, 4)  # 100 s: only in +Inf (= count)
+    assert total == pytest.approx(100.315)
+    assert queue.timing_histogram("send") == {"pacs": ([0] + [1] * (len(TIMING_BUCKETS) - 1), 1, 0.02)}
+    rows = queue._conn().execute("SELECT COUNT(*) FROM timing_buckets").fetchone()[0]
+    assert rows == 4  # one row per bucket used, however many times were recorded
