@@ -20,9 +20,9 @@ Connections are per thread: the SCP's association threads each write their own j
 """
 from __future__ import annotations
 
-import os
 import bisect
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -79,7 +79,6 @@ CREATE TABLE IF NOT EXISTS timing_sums (
 );
 """
 
-TIMED_STAGES = ("enhance", "send")
 # upper bounds (seconds) of the timing histograms' buckets; one more bucket holds what is above.
 # The queue keeps the counts per bucket, not each time: a scrape reads a few rows, however old
 # the node is.
@@ -273,7 +272,7 @@ class JobQueue:
 
         deliveries: (job_id, destination, item, sop_instance_uid); done: (job_id, note);
         retries: (job_id, error, next_attempt_at); failed: (job_id, error, held_path);
-        timings: (job_id, stage, destination, seconds), stage one of TIMED_STAGES.
+        timings: (job_id, stage, destination, seconds), stage "enhance" or "send".
         """
         now = time.time()
         with self._conn() as conn:
@@ -350,6 +349,10 @@ class JobQueue:
     def received_by_class(self) -> dict[str, int]:
         """Instances received (acknowledged), per SOP Class UID."""
         return dict(self._conn().execute("SELECT sop_class_uid, COUNT(*) FROM jobs GROUP BY sop_class_uid"))
+
+    def delivered_to(self, job_id: int) -> list[str]:
+        """Where a job's items already are, as "destination (item)", sorted: for reports."""
+        return sorted(f"{dest} ({item})" for dest, item in self.deliveries(job_id))
 
     def delivery_counts(self) -> dict[tuple[str, str, str], int]:
         """Items delivered, per (destination, item, the received instance's SOP Class UID)."""

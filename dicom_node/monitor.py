@@ -72,16 +72,21 @@ def _spool_writable(spool: Spool) -> bool:
         return False
 
 
+def destination_health(config: Config, queue: JobQueue | None) -> list[dict]:
+    """Each destination's last delivery and the latest error of a job waiting to retry it."""
+    return [{
+        "name": dest.name, "type": dest.type,
+        "last_delivery": iso_utc(queue.last_delivery_at(dest.name)) if queue else None,
+        "last_error": queue.last_retry_error(dest.name) if queue else None,
+    } for dest in config.destinations]
+
+
 def health(config: Config, spool: Spool, worker_alive: Callable[[], bool]) -> tuple[int, dict]:
     queue = _queue(spool)
     try:
         counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
         oldest = queue.oldest_pending() if queue else None
-        destinations = [{
-            "name": dest.name, "type": dest.type,
-            "last_delivery": iso_utc(queue.last_delivery_at(dest.name)) if queue else None,
-            "last_error": queue.last_retry_error(dest.name) if queue else None,
-        } for dest in config.destinations]
+        destinations = destination_health(config, queue)
     finally:
         if queue:
             queue.close()
@@ -172,13 +177,13 @@ def status_view(config: Config, spool: Spool, notice: str | None = None) -> Stat
         counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
         recent = queue.jobs(None, KEEP_JOBS) if queue else []
         failed = queue.jobs("failed", KEEP_JOBS) if queue else []
-        delivered_to = {j.id: sorted(f"{dest} ({item})" for dest, item in queue.deliveries(j.id)) for j in failed}
+        delivered_to = {j.id: queue.delivered_to(j.id) for j in failed}
+        destinations = destination_health(config, queue)
     finally:
         if queue:
             queue.close()
-    _, report = health(config, spool, lambda: True)
     return StatusView(
-        ae_title=config.node.ae_title, counts=counts, destinations=report["destinations"],
+        ae_title=config.node.ae_title, counts=counts, destinations=destinations,
         recent=[RecentInstance(j, thumbnail_path(spool, j.id, "after").exists()) for j in recent],
         failed=failed, delivered_to=delivered_to, notice=notice, retry_enabled=config.http.admin_token is not None)
 

@@ -59,7 +59,7 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
         queue = JobQueue(spool.db_path, readonly=True)
         counts, oldest, failed = queue.counts(), queue.oldest_pending(), queue.jobs("failed", limit)
         retrying = queue.retrying(limit)
-        delivered = {j.id: sorted(f"{dest} ({item})" for dest, item in queue.deliveries(j.id)) for j in failed}
+        delivered = {j.id: queue.delivered_to(j.id) for j in failed}
     else:
         counts, oldest, failed, retrying = dict.fromkeys(STATES, 0), None, [], []
 

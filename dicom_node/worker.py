@@ -36,7 +36,7 @@ from dicom_node.config import Config, available_cores, load_config
 from dicom_node.derivation import Derivation
 from dicom_node.errors import UnsupportedImage
 from dicom_node.forwarder import Item, ItemKind, Outcome, make_target
-from dicom_node.jobs import Job, JobQueue
+from dicom_node.jobs import Job, JobQueue, iso_utc
 from dicom_node.logs import configure_logging
 from dicom_node.routing import Routing
 from dicom_node.settlement import Done, Fail, Plan, Retry, Verdict, settle
@@ -267,7 +267,7 @@ class Worker:
         text = (f"job {job.id}\nSOP Instance UID {job.sop_instance_uid}\n"
                 f"SOP Class UID {job.sop_class_uid}\ncalling AE {job.calling_aet}"
                 f" (association {job.association})\n"
-                f"received {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(job.received_at))}\n"
+                f"received {iso_utc(job.received_at)}\n"
                 f"reason: {reason}\n")
         held = self.spool.hold_failed(job.id, job.path, job.sop_instance_uid, text)
         self.spool.remove(self.spool.derived_path(job.id), self.spool.maps_path(job.id))
