@@ -14,7 +14,6 @@ images per day per core that go into the README's sizing paragraph.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import shutil
 import statistics
 import tempfile
@@ -26,33 +25,19 @@ from dicom_node.config import available_cores, load_config
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
 from model import DEFAULT_WEIGHTS
-from support.helpers import flock_held, phantom_dataset, write_worker_config
-
-SPAWN = multiprocessing.get_context("spawn")
+from support.helpers import phantom_dataset, worker_processes, write_worker_config
 
 
 def run_once(folder: Path, sources: list[Path], weights: str, processes: int, threads: int) -> tuple[float, float]:
     """Seconds for `processes` workers to work every file in `sources` (after they are ready),
     and the mean seconds per job of the worker's own enhancement (as /metrics reports it)."""
-    from dicom_node import worker
-
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     config_path = write_worker_config(folder, weights, processes, threads, level="error")
     config = load_config(config_path)
     spool = Spool(config.spool.dir).create()
     queue = JobQueue(spool.db_path)
-    stop, wake = SPAWN.Event(), SPAWN.Event()
-    procs = [SPAWN.Process(target=worker.main, args=(str(config_path), stop, wake, "warning", None, slot))
-             for slot in range(processes)]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 300
-        while not all(flock_held(spool.root / Spool.worker_lock_name(s)) for s in range(processes)):
-            if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
-                raise SystemExit("the workers did not become ready")
-            time.sleep(0.1)
+    with worker_processes(config_path, processes, log_level="warning") as (_, wake):
         time.sleep(1.0)  # past "worker ready": idle, waiting for work
         blobs = [(path.read_bytes(), path.stem) for path in sources]
         started = time.perf_counter()
@@ -74,13 +59,6 @@ def run_once(folder: Path, sources: list[Path], weights: str, processes: int, th
             raise SystemExit("the outbox does not hold an original and a derived instance per image")
         _, count, total = queue.timing_histogram("enhance")[""]
         return elapsed, total / count
-    finally:
-        stop.set()
-        wake.set()
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
 
 
 def main(argv=None) -> int:

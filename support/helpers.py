@@ -1,6 +1,7 @@
 """Test inputs whose outputs are known exactly (never assert on random weights)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -137,3 +138,40 @@ def write_worker_config(folder: Path, weights: Path | str, processes: int, threa
         "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
     ]) + "\n")
     return config
+
+
+@contextlib.contextmanager
+def worker_processes(config_path: Path, count: int, audit_queue=None, log_level: str = "warning",
+                     ready_timeout: float = 300):
+    """`count` worker processes (dicom_node.worker.main, spawned as the node spawns them) on the
+    config's spool. Yields (the processes, their wake flag) once each holds its slot's lock (it
+    takes it just before "worker ready": idle, waiting for work); stops them when the block
+    ends (joined, killed if they do not stop)."""
+    import multiprocessing
+    import time
+
+    from dicom_node import worker
+    from dicom_node.config import load_config
+    from dicom_node.spool import Spool
+
+    spawn = multiprocessing.get_context("spawn")
+    locks = [Spool(load_config(config_path).spool.dir).root / Spool.worker_lock_name(s) for s in range(count)]
+    stop, wake = spawn.Event(), spawn.Event()
+    procs = [spawn.Process(target=worker.main, args=(str(config_path), stop, wake, log_level, audit_queue, slot))
+             for slot in range(count)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + ready_timeout
+        while not all(flock_held(lock) for lock in locks):
+            if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
+                raise RuntimeError(f"the worker processes did not become ready (exit codes {[p.exitcode for p in procs]})")
+            time.sleep(0.1)
+        yield procs, wake
+    finally:
+        stop.set()
+        wake.set()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()

@@ -15,7 +15,7 @@ from dicom_node.config import WorkerSettings, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobQueue
 from dicom_node.spool import Spool
-from support.helpers import flock_held, phantom_dataset, write_worker_config
+from support.helpers import phantom_dataset, worker_processes, write_worker_config
 from support.node_peers import NodeProcess, copies_with_new_uids, storescu, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -99,37 +99,26 @@ def _config(tmp_path: Path, weights: Path, processes: int, threads: int = 1) -> 
 def test_two_worker_processes_on_one_queue_work_every_job_exactly_once(tmp_path, constant_weights):
     """Real worker processes (worker.main, as the node spawns them), real files in the spool,
     the real queue; the audit log counts what each job was made into and delivered as."""
-    from dicom_node import audit, worker
+    from dicom_node import audit
 
     config = load_config(_config(tmp_path, constant_weights, processes=2))
     spool = Spool(config.spool.dir).create()
     queue = JobQueue(spool.db_path)
-    stop, wake, audit_queue = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    audit_queue = SPAWN.Queue()
     writer = audit.AuditWriter(tmp_path / "audit.jsonl", 10**8, 1, audit_queue)
-    procs = [SPAWN.Process(target=worker.main, args=(str(config.path), stop, wake, "warning", audit_queue, slot))
-             for slot in range(2)]
     try:
-        for p in procs:
-            p.start()
-        # both idle and waiting (each took its slot's lock just before "worker ready")
-        wait_until(lambda: all(flock_held(spool.root / Spool.worker_lock_name(s)) for s in range(2)), 120,
-                   what="both workers to be ready")
-        n = 60
-        uids = []
-        for i in range(n):  # small real CRs, enhanced by the constant model
-            ds = phantom_dataset(160, 128, seed=i)
-            path = spool.store_received(lambda f, ds=ds: ds.save_as(f, enforce_file_format=True), ds.SOPInstanceUID)
-            queue.add(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path)
-            uids.append(str(ds.SOPInstanceUID))
-        wake.set()
-        wait_until(lambda: queue.counts()["done"] == n, 240, interval=0.2, what="every job done")
+        with worker_processes(config.path, 2, audit_queue, ready_timeout=120) as (procs, wake):
+            n = 60
+            uids = []
+            for i in range(n):  # small real CRs, enhanced by the constant model
+                ds = phantom_dataset(160, 128, seed=i)
+                path = spool.store_received(lambda f, ds=ds: ds.save_as(f, enforce_file_format=True),
+                                            ds.SOPInstanceUID)
+                queue.add(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path)
+                uids.append(str(ds.SOPInstanceUID))
+            wake.set()
+            wait_until(lambda: queue.counts()["done"] == n, 240, interval=0.2, what="every job done")
     finally:
-        stop.set()
-        wake.set()
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
         writer.close()
     assert [p.exitcode for p in procs] == [0, 0]
     assert queue.counts() == {"received": 0, "processing": 0, "done": n, "failed": 0}
