@@ -116,7 +116,7 @@ Destination = FolderDestination | DicomDestination
 @dataclass(frozen=True)
 class HttpSettings:
     enabled: bool = True
-    host: str = "127.0.0.1"  # loopback by default: /health and /metrics say what the node holds
+    host: str = "127.0.0.1"  # loopback by default: the page, /health and /metrics say what the node holds
     port: int = 8080
     admin_token: str | None = None  # the status page's retry button needs it; None: retry refused
     thumbnails: bool = True  # before/after pictures on the status page (patient images: see docs/node.md)
@@ -382,6 +382,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
     )
     s = _Section(source, "http", raw.get("http", {}), {"enabled", "host", "port", "admin_token", "thumbnails"})
     http = HttpSettings(enabled=s.boolean("enabled", True), host=s.string("host", "127.0.0.1"),
-                        port=s.integer("port", 8080, 0, 65535), admin_token=s.string("admin_token", "") or None, thumbnails=s.boolean("thumbnails", True))
+                        port=s.integer("port", 8080, 0, 65535), admin_token=s.string("admin_token", "") or None,
+                        thumbnails=s.boolean("thumbnails", True))
     return Config(path=source, node=node, spool=spool, model=model, retry=retry, worker=worker,
                   destinations=tuple(destinations), logging=logging, http=http)

@@ -181,11 +181,6 @@ class Node:
         self.workers[slot] = process
         log.info("worker started", pid=process.pid, slot=slot)
 
-    @property
-    def worker(self) -> multiprocessing.Process | None:
-        """Worker slot 0 (the only one with the default [worker] processes = 1)."""
-        return self.workers[0]
-
     def workers_alive(self) -> bool:
         return all(w is not None and w.is_alive() for w in self.workers)
 
@@ -234,7 +229,7 @@ class Node:
                 server.shutdown()
                 raise NodeError(f"cannot listen on {cfg.http.host}:{cfg.http.port} ([http] host/port):"
                                 f" {exc.strerror or exc}") from None
-            log.info("http: /health and /metrics", host=cfg.http.host, port=http.server_address[1])
+            log.info("http: the status page, /health and /metrics", host=cfg.http.host, port=http.server_address[1])
         for slot in range(len(self.workers)):
             self._start_worker(slot)
         log.info("listening", ae_title=cfg.node.ae_title, host=cfg.node.host, tls=cfg.node.tls is not None,
