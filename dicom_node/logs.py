@@ -29,7 +29,7 @@ def configure_logging(format: str = "auto", level: str = "info") -> None:
         processors=[*shared, structlog.processors.StackInfoRenderer(),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # one write per line: processes share stderr
         cache_logger_on_first_use=False,
     )
     # Library loggers (pynetdicom) through the same renderer, quieter than our own.
