@@ -132,3 +132,117 @@ def test_a_pdu_longer_than_the_first_buffer_arrives_whole():
     finally:
         thread.join(10)
         receiver.close()
+
+
+# --- the DUL waits on its socket and a wake pair instead of polling ---------------------------
+
+@pytest.fixture
+def scp_server(tmp_path):
+    """The node's SCP in this process on a free port; yields (port, spool)."""
+    from dicom_node.config import NodeSettings
+    from dicom_node.node import open_queue
+    from dicom_node.spool import Spool
+    from support.node_peers import free_port
+
+    spool = Spool(tmp_path / "spool").create()
+    queue = open_queue(spool)
+    settings = NodeSettings(port=free_port())
+    ae, server = start_scp(settings, spool, queue)
+    try:
+        yield settings.port, spool
+    finally:
+        server.shutdown()
+        ae.shutdown()
+        queue.close()
+
+
+def _requestor(port: int):
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ENHANCE")
+    assert assoc.is_established
+    return assoc
+
+
+def _wait_for_no_associations(port: int) -> None:
+    import time
+
+    from support.node_peers import wait_until
+
+    # the acceptor's threads end a moment after the release
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("AcceptorThread")], 10, 0.05,
+               "the association threads to end")
+    time.sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_association_sleeps_in_select_instead_of_polling(scp_server, monkeypatch):
+    import time
+
+    port, _ = scp_server
+    checks = []
+    ready = PduSocket.ready.fget
+    monkeypatch.setattr(PduSocket, "ready", property(lambda sock: checks.append(1) or ready(sock)))
+    assoc = _requestor(port)
+    try:
+        before = len(checks)
+        time.sleep(1.0)
+        idle_checks = len(checks) - before
+        assert assoc.send_c_echo().Status == 0  # and it still answers at once
+    finally:
+        assoc.release()
+    # about 1 / LONGEST_WAIT = 20 a second; pynetdicom's own loop looks about 1,000 times a second
+    assert idle_checks <= 2 / PduSocket.LONGEST_WAIT, idle_checks
+
+
+@pytest.mark.timeout(60)
+def test_requests_and_responses_wake_the_dul_at_once(scp_server, monkeypatch, tmp_path):
+    """With the longest wait at 5 s, a response or a PDU that did not wake the DUL would stall
+    the exchange by seconds: association, 10 echoes, 2 stores and the release take well under."""
+    import time
+
+    import pydicom
+
+    from support.helpers import phantom_dataset
+
+    port, spool = scp_server
+    monkeypatch.setattr(PduSocket, "LONGEST_WAIT", 5.0)
+    ds = phantom_dataset(rows=256, cols=200, bits=12, seed=4)
+    started = time.monotonic()
+    assoc = _requestor(port)
+    try:
+        statuses = [assoc.send_c_echo().Status for _ in range(10)]
+        for uid in ("1.2.3.41", "1.2.3.42"):
+            ds.SOPInstanceUID = uid
+            statuses.append(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+    elapsed = time.monotonic() - started
+    assert statuses == [0] * 12
+    assert elapsed < 4.0, f"{elapsed:.1f} s: a wait ran to its end"
+    stored = sorted(pydicom.dcmread(p).SOPInstanceUID for p in spool.received_files())
+    assert stored == ["1.2.3.41", "1.2.3.42"]
+
+
+@pytest.mark.timeout(120)
+def test_associations_leave_no_open_descriptors_behind(scp_server):
+    """Each association's wake pair is closed with its socket."""
+    import os
+
+    port, _ = scp_server
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+    assoc = _requestor(port)  # one first: pynetdicom's lazily opened things are open from here on
+    assoc.release()
+    _wait_for_no_associations(port)
+    baseline = open_fds()
+    for _ in range(20):
+        assoc = _requestor(port)
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    _wait_for_no_associations(port)
+    assert open_fds() <= baseline + 2  # 20 leaked pairs would be 40
