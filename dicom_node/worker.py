@@ -14,6 +14,7 @@ off), sends the batch to every destination over one association each, and settle
 """
 from __future__ import annotations
 
+import contextvars
 import errno
 import json
 import logging
@@ -21,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +51,16 @@ BATCH_SIZE = 16
 #: A batch stops taking more enhancement work after this long, so that what is ready is
 #: forwarded instead of waiting behind a slow model.
 PREPARE_BUDGET_SECONDS = 2.0
+#: Jobs of a batch prepared at once: one's reading, decoding, encoding and fsync overlap the
+#: other's model (threads; numba, torch and file I/O leave the GIL).
+PREPARE_CONCURRENCY = 2
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
 #: Tries of the model on one image before its original is forwarded without enhancement.
 ENHANCE_ATTEMPTS = 3
+
+
+_PARSING = threading.Lock()  # warnings.catch_warnings is process-wide: one parse at a time
 
 
 def read_complete(path) -> Dataset:
@@ -60,9 +68,10 @@ def read_complete(path) -> Dataset:
 
     pydicom reads a truncated file without complaint, so the Pixel Data is checked: native
     data must have the length its attributes promise, encapsulated data must parse into
-    fragments. End-of-file warnings while parsing are errors here.
+    fragments. End-of-file warnings while parsing are errors here (caught under a lock: two
+    jobs parsed at once would see each other's warnings).
     """
-    with warnings.catch_warnings(record=True) as caught:
+    with _PARSING, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = dcmread(path)
     for warning in caught:
@@ -140,19 +149,33 @@ class Worker:
         """Claim and work one batch; returns how many jobs it took."""
         jobs = self.queue.claim(BATCH_SIZE, worker=self.slot, share=self.config.worker.processes)
         self.timings = []  # derive and the sends add theirs
-        plans: list[Plan] = []
-        started = time.monotonic()
-        for i, job in enumerate(jobs):
-            late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
-            if late or (stop is not None and stop.is_set()):
-                self.queue.release([j.id for j in jobs[i:]])  # next batch, untouched
-                break
-            with structlog.contextvars.bound_contextvars(**job_context(job)):
-                plans.append(self.prepare(job))
+        plans = self.prepare_batch(jobs, stop)
         delivered = self.send([p for p in plans if p.ready])
         now = time.time()
         self.apply([(plan, settle(plan, self.config.retry, now)) for plan in plans], delivered)
         return len(jobs)
+
+    def prepare_batch(self, jobs: list[Job], stop=None) -> list[Plan]:
+        """The plans of `jobs`, in order, PREPARE_CONCURRENCY jobs at a time. A job is started
+        only while the batch is within PREPARE_BUDGET_SECONDS and not stopping; the jobs not
+        started go back to the queue untouched, for the next batch."""
+        started = time.monotonic()
+        running: list = []
+        with ThreadPoolExecutor(max_workers=PREPARE_CONCURRENCY, thread_name_prefix="prepare") as pool:
+            for i, job in enumerate(jobs):
+                if i >= PREPARE_CONCURRENCY:
+                    running[i - PREPARE_CONCURRENCY].exception()  # a place is free
+                late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
+                if late or (stop is not None and stop.is_set()):
+                    self.queue.release([j.id for j in jobs[i:]])
+                    break
+                context = contextvars.copy_context()  # the process's bound log fields
+                running.append(pool.submit(context.run, self._prepare_logged, job))
+        return [future.result() for future in running]
+
+    def _prepare_logged(self, job: Job) -> Plan:
+        with structlog.contextvars.bound_contextvars(**job_context(job)):
+            return self.prepare(job)
 
     def send(self, ready: list[Plan]) -> list[tuple[int, str, str, str]]:
         """Every item of `ready` to every destination that does not have it yet, the outcomes

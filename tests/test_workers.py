@@ -167,3 +167,41 @@ def test_worker_settings_default_threads_share_the_cores_among_the_processes(tmp
         config.write_text(base + body)
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(config)
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_prepared_two_jobs_at_a_time_keeps_each_jobs_outcome_its_own(tmp_path, constant_weights):
+    """Jobs of one batch are read, enhanced and written PREPARE_CONCURRENCY at a time: torn files
+    between good ones are each refused by their own parse (not by a neighbour's warnings), every
+    good one is derived from its own pixels, and the plans come back in the batch's order."""
+    import pydicom
+
+    from dicom_node import worker as worker_module
+
+    assert worker_module.PREPARE_CONCURRENCY > 1
+    config = load_config(_config(tmp_path, constant_weights, processes=1))
+    enhancer, is_ours, _ = worker_module._load_enhancer(config)
+    worker = worker_module.Worker(config, enhancer, is_ours)
+    expected = {}
+    for i in range(8):
+        ds = phantom_dataset(192 + 8 * i, 160, seed=i)  # sizes differ: a mix-up shows in the rows
+        ds.save_as(tmp_path / "tmp.dcm", enforce_file_format=True)
+        data = (tmp_path / "tmp.dcm").read_bytes()
+        torn = i % 2 == 1
+        if torn:
+            data = data[: len(data) - 3000]  # cut inside Pixel Data
+        path = worker.spool.store_received(data, ds.SOPInstanceUID)
+        job_id, _ = worker.queue.add(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path)
+        expected[job_id] = (str(ds.SOPInstanceUID), ds.Rows, torn)
+    jobs = worker.queue.claim(16)
+    plans = worker.prepare_batch(jobs)
+    assert [p.job.id for p in plans] == [j.id for j in jobs] == sorted(expected)
+    for plan in plans:
+        uid, rows, torn = expected[plan.job.id]
+        if torn:
+            assert plan.failure and "Pixel Data is truncated" in plan.failure, plan.failure
+            continue
+        assert plan.failure is None and plan.ready
+        derived = pydicom.dcmread(worker.spool.derived_path(plan.job.id))
+        assert derived.Rows == rows
+        assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == uid
