@@ -11,7 +11,6 @@ Every outcome is classified for the worker (DICOM PS3.4 B.2.3, PS3.7 C):
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,7 +24,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import DicomDestination, FolderDestination, NodeSettings
 from dicom_node.errors import NodeError
-from dicom_node.spool import fsync_dir, safe_name, write_atomic
+from dicom_node.spool import fsync_dir, place_copy, safe_name, write_atomic
 
 _config.LOG_HANDLER_LEVEL = "none"
 # Process-wide, so set once (destinations send in parallel threads): a file path given to
@@ -259,17 +258,16 @@ class FolderTarget:
         return f"{self.dest.name}: folder {self.dest.path} is writable"
 
     def send_batch(self, items: Sequence[Item], on_delivered: Callable[[Item], None] | None = None) -> list[Outcome]:
-        """Each file tmp + fsync + rename; then one fsync per touched folder (including
-        the parents of folders made for a new patient/study/series) for the whole batch.
+        """Each file placed atomically (spool.place_copy: a hard link to the spool's file where it
+        can, else tmp + fsync + rename); then one fsync per touched folder (including the
+        parents of folders made for a new patient/study/series) for the whole batch.
         (`on_delivered` is not needed here: writing a file again is harmless.)"""
         outcomes, folders = [], set()
         for item in items:
             try:
                 target = self.target_path(item.path)
                 folders.update(_make_dirs(target.parent))
-                with open(item.path, "rb") as src:
-                    write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20),
-                                 sync_dir=False)
+                place_copy(item.path, target)
                 outcomes.append(DELIVERED)
             except OSError as exc:  # disk full, permissions: may pass
                 outcomes.append(Outcome("retry", f"{self.dest.name}: cannot write: {exc}"))

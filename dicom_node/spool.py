@@ -22,6 +22,7 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,29 @@ def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
         raise
     if sync_dir:
         fsync_dir(target.parent)
+    return target
+
+
+def place_copy(source: Path, target: Path) -> Path:
+    """`target` gets `source`'s content, atomically (a reader sees nothing or the whole file),
+    with no copy where it can: a hard link when both are on one file system. For files that are
+    never written again once they landed (the spool's received and derived files: a job only
+    unlinks them), so the two names stay the same bytes; the content is durable already, and
+    the caller fsyncs the target's folder. Anywhere a link cannot be made (another file system,
+    one without hard links) the content is copied with write_atomic(sync_dir=False)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
+    try:
+        os.link(source, tmp)
+    except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK ...: copy instead (a full disk fails there too)
+        with open(source, "rb") as src:
+            return write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
+    try:
+        os.replace(tmp, target)  # over an older copy of the same instance
+    finally:
+        # also after a success: a rename onto a link to the same file does nothing (POSIX),
+        # which leaves tmp (a delivery of the same spool file again)
+        tmp.unlink(missing_ok=True)
     return target
 
 
