@@ -69,6 +69,7 @@ class ModelSettings:
 class WorkerSettings:
     processes: int = 1  # worker processes sharing the queue
     threads: int = 0    # torch (and remap) threads per worker process; 0 = cores // processes
+    batch: int = 0      # same-size images per network call; 0 = 8 on a GPU, 1 on the CPU
 
     def threads_per_process(self, cores: int | None = None) -> int:
         """`threads`, or the cores this process may run on shared out among the processes
@@ -341,8 +342,9 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         s.fail("max_seconds", f"must be at least initial_seconds ({retry.initial_seconds:g}),"
                               f" got {retry.max_seconds:g}")
 
-    s = _Section(source, "worker", raw.get("worker", {}), {"processes", "threads"})
-    worker = WorkerSettings(processes=s.integer("processes", 1, 1, 64), threads=s.integer("threads", 0, 0, 1024))
+    s = _Section(source, "worker", raw.get("worker", {}), {"processes", "threads", "batch"})
+    worker = WorkerSettings(processes=s.integer("processes", 1, 1, 64), threads=s.integer("threads", 0, 0, 1024),
+                            batch=s.integer("batch", 0, 0, 256))
 
     entries = raw.get("destinations", [])
     if not isinstance(entries, list) or not entries:

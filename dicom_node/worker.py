@@ -51,8 +51,9 @@ BATCH_SIZE = 16
 #: A batch stops taking more enhancement work after this long, so that what is ready is
 #: forwarded instead of waiting behind a slow model.
 PREPARE_BUDGET_SECONDS = 2.0
-#: Jobs of a batch prepared at once: one's reading, decoding, encoding and fsync overlap the
-#: other's model (threads; numba, torch and file I/O leave the GIL).
+#: Jobs of a batch prepared at once (at least; more to fill the model's batch on a GPU): one's
+#: reading, decoding, encoding and fsync overlap the other's model (threads; numba, torch and
+#: file I/O leave the GIL).
 PREPARE_CONCURRENCY = 2
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
@@ -141,6 +142,9 @@ class Worker:
         self.derivation = None if enhancer is None else Derivation(
             self.spool, enhancer, with_maps=config.model.parametric_map, thumbnails=config.http.enabled and config.http.thumbnails)
         self.targets = [make_target(d, config.node) for d in config.destinations]
+        # jobs prepared at once: enough to fill a batch of the network's, at least two
+        batch = enhancer.predictor.batch if enhancer is not None else 1
+        self.concurrency = max(PREPARE_CONCURRENCY, batch)
         self.timings: list = []  # (job_id, stage, destination, seconds) of the batch: /metrics histograms
 
     # --- one batch -----------------------------------------------------------------------
@@ -156,15 +160,15 @@ class Worker:
         return len(jobs)
 
     def prepare_batch(self, jobs: list[Job], stop=None) -> list[Plan]:
-        """The plans of `jobs`, in order, PREPARE_CONCURRENCY jobs at a time. A job is started
+        """The plans of `jobs`, in order, `concurrency` jobs at a time. A job is started
         only while the batch is within PREPARE_BUDGET_SECONDS and not stopping; the jobs not
         started go back to the queue untouched, for the next batch."""
         started = time.monotonic()
         running: list = []
-        with ThreadPoolExecutor(max_workers=PREPARE_CONCURRENCY, thread_name_prefix="prepare") as pool:
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="prepare") as pool:
             for i, job in enumerate(jobs):
-                if i >= PREPARE_CONCURRENCY:
-                    running[i - PREPARE_CONCURRENCY].exception()  # a place is free
+                if i >= self.concurrency:
+                    running[i - self.concurrency].exception()  # a place is free
                 late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
                 if late or (stop is not None and stop.is_set()):
                     self.queue.release([j.id for j in jobs[i:]])
@@ -335,7 +339,8 @@ def _load_enhancer(config: Config):
 
     started = time.perf_counter()
     enhancer = Enhancer(config.model.weights, device=config.model.device, mode=config.model.mode,
-                        max_burnt_out=config.model.max_burnt_out, output_syntax=config.model.output_transfer_syntax)
+                        max_burnt_out=config.model.max_burnt_out, output_syntax=config.model.output_transfer_syntax,
+                        batch=config.worker.batch)
     predictor = enhancer.predictor
     status["device"] = str(predictor.device)
     try:

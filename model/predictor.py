@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.batching import DynamicBatcher
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.net import MAP_NAMES, ModelBuilder, mirror_averaged
 from model.remap import SATURATION_REACH, downsample_image, remap, sigmoid_window, upsample_maps, warm_up, window_guard
+
+
+#: Images per network call on a GPU by default (`batch=0`), and how long the first of a batch
+#: waits for the others.
+GPU_BATCH = 8
+BATCH_WAIT_SECONDS = 0.02
 
 
 def full_float32_on_cuda() -> None:
@@ -87,11 +94,17 @@ class Predictor:
     model never saw, recorded in the Prediction; the model itself is meant not to need it."""
 
     def __init__(self, weights: str | Path, device: str = "auto", max_burnt_out: float = 0.0,
-                 baselines: Mapping[str, ModelBuilder] | None = None):
+                 baselines: Mapping[str, ModelBuilder] | None = None, batch: int = 0):
         if not 0 <= max_burnt_out < 1:
             raise ValueError(f"max_burnt_out must be within [0, 1), got {max_burnt_out!r}")
+        if not isinstance(batch, int) or batch < 0:
+            raise ValueError(f"batch must be an integer >= 0 (0: {GPU_BATCH} on a GPU, 1 on the CPU), got {batch!r}")
         self.weights = Path(weights)
         self.device = resolve_device(device)
+        # Same-size images that threads predict at about the same time share one network call
+        # (model.batching): a GPU's gain. On the CPU one at a time is as fast and uses less memory.
+        self.batch = batch or (GPU_BATCH if self.device.type == "cuda" else 1)
+        self._batcher = DynamicBatcher(self.predict_batch, self.batch, BATCH_WAIT_SECONDS) if self.batch > 1 else None
         if self.device.type == "cuda":  # inference only: training keeps TF32's speed
             full_float32_on_cuda()
         self.max_burnt_out = max_burnt_out
@@ -122,6 +135,8 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self._batcher is not None:
+            return self._batcher(x, tuple(x.shape))
         low = downsample_image(x, self.checkpoint.config.downsample)
         return mirror_averaged(self.checkpoint.model, low)[0]
 
