@@ -166,6 +166,9 @@ class Node:
         self.stopping = threading.Event()
         self._mp = multiprocessing.get_context("spawn")
         self.wake = ProcessFlag(self._mp)  # the worker sleeps on both: it may be killed there
+        # time.monotonic() (one clock for all processes on Linux) of the SCP's last store: the
+        # workers hold back while it receives (worker.yield_to_receiving)
+        self.last_store = self._mp.Value("d", 0.0, lock=False)
         self.stop_worker = ProcessFlag(self._mp)
         self.audit_queue = self._mp.Queue() if config.logging.audit else None
         # one per [worker] processes; they share the queue (each claim is one transaction)
@@ -176,10 +179,16 @@ class Node:
 
         process = self._mp.Process(
             target=worker.main, name="dicom-node-worker" if slot == 0 else f"dicom-node-worker-{slot}",
-            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level, self.audit_queue, slot))
+            args=(str(self.config.path), self.stop_worker, self.wake, self.config.logging.level, self.audit_queue, slot,
+                  self.last_store))
         process.start()
         self.workers[slot] = process
         log.info("worker started", pid=process.pid, slot=slot)
+
+    def _stored(self) -> None:
+        """The SCP stored an instance: the workers have work, and hold back while it receives."""
+        self.last_store.value = time.monotonic()
+        self.wake.set()
 
     def workers_alive(self) -> bool:
         return all(w is not None and w.is_alive() for w in self.workers)
@@ -215,7 +224,7 @@ class Node:
             signal.signal(signum, self.request_stop)
 
         try:
-            ae, server = start_scp(cfg.node, spool, queue, on_stored=self.wake.set)
+            ae, server = start_scp(cfg.node, spool, queue, on_stored=self._stored)
         except OSError as exc:
             raise NodeError(f"cannot listen on {cfg.node.host}:{cfg.node.port} ([node] host/port):"
                             f" {exc.strerror or exc}") from None

@@ -57,6 +57,11 @@ PREPARE_BUDGET_SECONDS = 2.0
 PREPARE_CONCURRENCY = 2
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
+#: ... and a burst is acknowledged at full speed, then enhanced: while the SCP is storing (its
+#: last store less than RECEIVING_QUIET_SECONDS ago) a worker waits before each job, at most
+#: YIELD_SECONDS, so a steady stream of stores still lets a job through every YIELD_SECONDS.
+RECEIVING_QUIET_SECONDS = 0.05
+YIELD_SECONDS = 1.0
 #: Tries of the model on one image before its original is forwarded without enhancement.
 ENHANCE_ATTEMPTS = 3
 
@@ -130,8 +135,9 @@ def send_or_retry(target, items: list[Item], on_delivered=None) -> list[Outcome]
 
 
 class Worker:
-    def __init__(self, config: Config, enhancer=None, is_derived_by_us=None, slot: int = 0):
+    def __init__(self, config: Config, enhancer=None, is_derived_by_us=None, slot: int = 0, last_store=None):
         self.config = config
+        self.last_store = last_store  # shared with the SCP: time.monotonic() of its last store
         self.slot = slot  # which of the [worker] processes this is: its jobs are claimed under it
         self.spool = Spool(config.spool.dir).create()
         self.queue = JobQueue(self.spool.db_path)
@@ -169,6 +175,7 @@ class Worker:
             for i, job in enumerate(jobs):
                 if i >= self.concurrency:
                     running[i - self.concurrency].exception()  # a place is free
+                self.yield_to_receiving(stop)
                 late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
                 if late or (stop is not None and stop.is_set()):
                     self.queue.release([j.id for j in jobs[i:]])
@@ -176,6 +183,18 @@ class Worker:
                 context = contextvars.copy_context()  # the process's bound log fields
                 running.append(pool.submit(context.run, self._prepare_logged, job))
         return [future.result() for future in running]
+
+    def yield_to_receiving(self, stop=None) -> float:
+        """Wait while the SCP is storing (RECEIVING_QUIET_SECONDS), at most YIELD_SECONDS;
+        returns the seconds waited."""
+        if self.last_store is None:
+            return 0.0
+        started = time.monotonic()
+        while time.monotonic() - self.last_store.value < RECEIVING_QUIET_SECONDS:
+            if time.monotonic() - started >= YIELD_SECONDS or (stop is not None and stop.is_set()):
+                break
+            time.sleep(RECEIVING_QUIET_SECONDS / 2)
+        return time.monotonic() - started
 
     def _prepare_logged(self, job: Job) -> Plan:
         with structlog.contextvars.bound_contextvars(**job_context(job)):
@@ -376,7 +395,8 @@ def adopt_unconfigured_slots(worker: Worker) -> None:
             log.info("jobs of a worker slot no longer configured are back in the queue", slot=slot, count=count)
 
 
-def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None, slot: int = 0) -> None:
+def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue=None, slot: int = 0,
+         last_store=None) -> None:
     """Process entry point of worker `slot` (0 .. [worker] processes - 1): work until `stop` is
     set or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
@@ -392,7 +412,7 @@ def main(config_path: str, stop, wake, log_level: str | None = None, audit_queue
     threads = limit_threads(config)  # before the model (torch) loads
     log.info("worker threads", **threads)
     enhancer, is_ours, status = _load_enhancer(config)
-    worker = Worker(config, enhancer, is_ours, slot=slot)
+    worker = Worker(config, enhancer, is_ours, slot=slot, last_store=last_store)
     if slot == 0:
         _write_status(worker.spool, {**status, "processes": config.worker.processes, "threads": threads["threads"]})
     worker.spool.lock_worker(lambda: log.warning("waiting for the previous worker to finish its batch"), slot=slot)

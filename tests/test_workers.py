@@ -205,3 +205,39 @@ def test_a_batch_prepared_two_jobs_at_a_time_keeps_each_jobs_outcome_its_own(tmp
         derived = pydicom.dcmread(worker.spool.derived_path(plan.job.id))
         assert derived.Rows == rows
         assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == uid
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_holds_back_while_the_scp_receives_and_never_longer_than_its_cap(tmp_path):
+    """Receiving comes first: before each job the worker waits while stores keep coming (the
+    node's shared last-store time), and at most YIELD_SECONDS, so a steady stream cannot starve it."""
+    import threading
+
+    from dicom_node import worker as worker_module
+    from dicom_node.node import Node
+
+    config = load_config(write_worker_config(tmp_path, "unused.pt", processes=1, enhance=()))
+    node = Node(config)
+    worker = worker_module.Worker(config, last_store=node.last_store)
+    quiet, cap = worker_module.RECEIVING_QUIET_SECONDS, worker_module.YIELD_SECONDS
+    assert worker.yield_to_receiving() < quiet  # nothing received yet: no wait
+
+    def store_for(seconds: float) -> None:  # as the SCP does after each store
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            node._stored()
+            time.sleep(quiet / 5)
+    burst = threading.Thread(target=store_for, args=(0.4 * cap,))
+    burst.start()
+    time.sleep(quiet / 5)
+    waited = worker.yield_to_receiving()
+    burst.join()
+    assert 0.3 * cap <= waited < cap, waited  # until the burst was over
+    assert node.wake.is_set()
+
+    stream = threading.Thread(target=store_for, args=(2.5 * cap,))
+    stream.start()
+    time.sleep(quiet / 5)
+    waited = worker.yield_to_receiving()
+    stream.join()
+    assert cap <= waited < 2 * cap, waited  # the cap, though stores went on
