@@ -11,6 +11,7 @@ Every outcome is classified for the worker (DICOM PS3.4 B.2.3, PS3.7 C):
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -232,10 +233,15 @@ def _transcoded(path: Path):
 
 
 class FolderTarget:
-    """Writes Patient/Study/Series/SOP.dcm under a folder, each file atomically."""
+    """Writes Patient/Study/Series/SOP.dcm under a folder, each file atomically.
 
-    def __init__(self, dest: FolderDestination):
-        self.dest = dest
+    `link`: each file may be a hard link to the spool's file (spool.place_copy) - only for the
+    node's one destination. With others, a job's spool file may still be sent elsewhere after the
+    folder has it, and whatever reads the folder must not be able to change it (a consumer that
+    rewrites a file in place would rewrite the spool's)."""
+
+    def __init__(self, dest: FolderDestination, link: bool = False):
+        self.dest, self.link = dest, link
 
     @property
     def name(self) -> str:
@@ -258,16 +264,20 @@ class FolderTarget:
         return f"{self.dest.name}: folder {self.dest.path} is writable"
 
     def send_batch(self, items: Sequence[Item], on_delivered: Callable[[Item], None] | None = None) -> list[Outcome]:
-        """Each file placed atomically (spool.place_copy: a hard link to the spool's file where it
-        can, else tmp + fsync + rename); then one fsync per touched folder (including the
-        parents of folders made for a new patient/study/series) for the whole batch.
-        (`on_delivered` is not needed here: writing a file again is harmless.)"""
+        """Each file placed atomically (with `link`, spool.place_copy: a hard link to the spool's
+        file where it can; else a copy: tmp + fsync + rename); then one fsync per touched folder
+        (including the parents of folders made for a new patient/study/series) for the whole
+        batch. (`on_delivered` is not needed here: writing a file again is harmless.)"""
         outcomes, folders = [], set()
         for item in items:
             try:
                 target = self.target_path(item.path)
                 folders.update(_make_dirs(target.parent))
-                place_copy(item.path, target)
+                if self.link:
+                    place_copy(item.path, target)
+                else:
+                    with open(item.path, "rb") as src:
+                        write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
                 outcomes.append(DELIVERED)
             except OSError as exc:  # disk full, permissions: may pass
                 outcomes.append(Outcome("retry", f"{self.dest.name}: cannot write: {exc}"))
@@ -295,7 +305,9 @@ def _make_dirs(folder: Path) -> set[Path]:
     return touched
 
 
-def make_target(dest, node: NodeSettings):
+def make_target(dest, node: NodeSettings, only_destination: bool = False):
+    """The sender for one [[destinations]] entry; `only_destination`: it is the node's one
+    destination (a folder may then hard-link the spool's files, FolderTarget)."""
     if isinstance(dest, FolderDestination):
-        return FolderTarget(dest)
+        return FolderTarget(dest, link=only_destination)
     return DicomTarget(dest, node)

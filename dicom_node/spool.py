@@ -75,7 +75,7 @@ def place_copy(source: Path, target: Path) -> Path:
     with no copy where it can: a hard link when both are on one file system. For files that are
     never written again once they landed (the spool's received and derived files: a job only
     unlinks them), so the two names stay the same bytes; the content is durable already, and
-    the caller fsyncs the target's folder. Anywhere a link cannot be made (another file system,
+    the caller fsyncs the target's folder. The link keeps the spool file's owner and mode. Anywhere a link cannot be made (another file system,
     one without hard links) the content is copied with write_atomic(sync_dir=False)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"

@@ -58,8 +58,8 @@ PREPARE_CONCURRENCY = 2
 #: Receiving comes first: a modality waits on every acknowledgement, the queue does not.
 WORKER_NICENESS = 5
 #: ... and a burst is acknowledged at full speed, then enhanced: while the SCP is storing (its
-#: last store less than RECEIVING_QUIET_SECONDS ago) a worker waits before each job, at most
-#: YIELD_SECONDS, so a steady stream of stores still lets a job through every YIELD_SECONDS.
+#: last store less than RECEIVING_QUIET_SECONDS ago) a worker waits before each batch, at most
+#: YIELD_SECONDS, so under a steady stream of stores it still works a batch after each wait.
 RECEIVING_QUIET_SECONDS = 0.05
 YIELD_SECONDS = 1.0
 #: Tries of the model on one image before its original is forwarded without enhancement.
@@ -74,16 +74,20 @@ def read_complete(path) -> Dataset:
 
     pydicom reads a truncated file without complaint, so the Pixel Data is checked: native
     data must have the length its attributes promise, encapsulated data must parse into
-    fragments. End-of-file warnings while parsing are errors here (caught under a lock: two
-    jobs parsed at once would see each other's warnings).
+    fragments. End-of-file warnings while parsing are errors here. They are caught under a lock
+    (two jobs parsed at once would see each other's); the catch is process-wide, so what other
+    threads warned meanwhile (not from pydicom) is warned again after it.
     """
     with _PARSING, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = dcmread(path)
-    for warning in caught:
-        text = str(warning.message)
-        if "End of file" in text or "premature" in text.lower():
-            raise ValueError(text)
+    torn = [str(w.message) for w in caught
+            if "End of file" in str(w.message) or "premature" in str(w.message).lower()]
+    for w in caught:  # the parse's own are dropped, as before; another thread's are not ours to drop
+        if str(w.message) not in torn and "pydicom" not in w.filename:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if torn:
+        raise ValueError(torn[0])
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         if keyword not in ds:
             raise ValueError(f"{keyword} is missing")
@@ -147,7 +151,8 @@ class Worker:
                                forward_original=config.model.forward_original)
         self.derivation = None if enhancer is None else Derivation(
             self.spool, enhancer, with_maps=config.model.parametric_map, thumbnails=config.http.enabled and config.http.thumbnails)
-        self.targets = [make_target(d, config.node) for d in config.destinations]
+        self.targets = [make_target(d, config.node, only_destination=len(config.destinations) == 1)
+                        for d in config.destinations]
         # jobs prepared at once: enough to fill a batch of the network's, at least two
         batch = enhancer.predictor.batch if enhancer is not None else 1
         self.concurrency = max(PREPARE_CONCURRENCY, batch)
@@ -157,6 +162,7 @@ class Worker:
 
     def run_once(self, stop=None) -> int:
         """Claim and work one batch; returns how many jobs it took."""
+        self.yield_to_receiving(stop)
         jobs = self.queue.claim(BATCH_SIZE, worker=self.slot, share=self.config.worker.processes)
         self.timings = []  # derive and the sends add theirs
         plans = self.prepare_batch(jobs, stop)
@@ -175,7 +181,6 @@ class Worker:
             for i, job in enumerate(jobs):
                 if i >= self.concurrency:
                     running[i - self.concurrency].exception()  # a place is free
-                self.yield_to_receiving(stop)
                 late = time.monotonic() - started > PREPARE_BUDGET_SECONDS
                 if late or (stop is not None and stop.is_set()):
                     self.queue.release([j.id for j in jobs[i:]])
@@ -185,9 +190,10 @@ class Worker:
         return [future.result() for future in running]
 
     def yield_to_receiving(self, stop=None) -> float:
-        """Wait while the SCP is storing (RECEIVING_QUIET_SECONDS), at most YIELD_SECONDS;
-        returns the seconds waited."""
-        if self.last_store is None:
+        """Before a batch of enhancement: wait while the SCP is storing (RECEIVING_QUIET_SECONDS),
+        at most YIELD_SECONDS; returns the seconds waited. A worker that only forwards does not
+        wait (its work is light)."""
+        if self.last_store is None or self.derivation is None:
             return 0.0
         started = time.monotonic()
         while time.monotonic() - self.last_store.value < RECEIVING_QUIET_SECONDS:

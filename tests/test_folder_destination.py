@@ -1,5 +1,7 @@
-"""The folder destination: each file placed atomically, as a hard link to the spool's file where
-the folder is on the spool's file system, as a copy where it is not."""
+"""The folder destination: each file placed atomically. As the node's one destination, a hard link
+to the spool's file where the folder is on the spool's file system, a copy where it is not; with
+other destinations, always a copy (the folder's reader must not be able to change a spool file
+another destination may still be sent)."""
 from __future__ import annotations
 
 import os
@@ -10,8 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.config import FolderDestination
-from dicom_node.forwarder import FolderTarget, Item, ItemKind
+from dicom_node.config import FolderDestination, NodeSettings
+from dicom_node.forwarder import Item, ItemKind, make_target
 from dicom_node.spool import Spool
 from support.helpers import phantom_dataset
 
@@ -23,8 +25,8 @@ def _received(spool: Spool, seed: int) -> Item:
                 str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
 
 
-def _deliver(folder: Path, items: list[Item]) -> list[Path]:
-    target = FolderTarget(FolderDestination(name="archive", path=folder))
+def _deliver(folder: Path, items: list[Item], only_destination: bool = True) -> list[Path]:
+    target = make_target(FolderDestination(name="archive", path=folder), NodeSettings(), only_destination)
     outcomes = target.send_batch(items)
     assert [o.delivered for o in outcomes] == [True] * len(items), outcomes
     return [target.target_path(item.path) for item in items]
@@ -66,3 +68,15 @@ def test_on_another_file_system_the_file_is_copied(tmp_path):
         assert _partials(outbox) == []
     finally:
         shutil.rmtree(outbox)
+
+
+def test_beside_other_destinations_the_file_is_a_copy_that_rewriting_leaves_the_spool_alone(tmp_path):
+    spool = Spool(tmp_path / "spool").create()
+    (item,) = [_received(spool, 7)]
+    sent = item.path.read_bytes()
+    (placed,) = _deliver(tmp_path / "outbox", [item], only_destination=False)
+    assert not os.path.samefile(placed, item.path)
+    with open(placed, "r+b") as f:  # a reader of the folder that rewrites in place
+        f.truncate(100)
+    assert item.path.read_bytes() == sent  # what a PACS still to be sent to gets
+    assert _partials(tmp_path / "outbox") == []
