@@ -272,10 +272,9 @@ def _weights(n_full: int, n_low: int, downsample: int):
 def _thread_pool(size: int) -> ThreadPoolExecutor:
     with _pool_lock:
         if not _pool or _pool[1] < size:
-            if _pool:
-                _pool[0].shutdown(wait=False)
-                _pool.clear()
-            _pool.extend([ThreadPoolExecutor(max_workers=size, thread_name_prefix="remap"), size])
+            # The smaller pool is dropped, not shut down: another thread may be about to submit to
+            # it; its idle threads end once the last reference to it goes.
+            _pool[:] = [ThreadPoolExecutor(max_workers=size, thread_name_prefix="remap"), size]
         return _pool[0]
 
 
