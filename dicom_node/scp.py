@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -132,6 +133,7 @@ class PduSocket(AssociationSocket):
         sock, dul = assoc.dul.socket, assoc.dul
         sock.__class__ = cls
         sock._wake_pair = socket.socketpair()
+        sock._wake_lock = threading.Lock()  # a wake never writes to a closed pair's reused fd
         for end in sock._wake_pair:
             end.setblocking(False)
         dul.to_provider_queue.__class__ = _WakingQueue
@@ -143,15 +145,17 @@ class PduSocket(AssociationSocket):
             try:
                 run()
             finally:
-                for end in sock._wake_pair:
-                    end.close()
+                with sock._wake_lock:
+                    for end in sock._wake_pair:
+                        end.close()
         dul.run = run_then_close_the_wake_pair  # the DUL thread starts after EVT_CONN_OPEN
 
     def _wake(self) -> None:
-        try:
-            self._wake_pair[1].send(b"\0")
-        except OSError:  # closed, or already a wake pending (buffer full): either way fine
-            pass
+        with self._wake_lock:
+            try:
+                self._wake_pair[1].send(b"\0")
+            except OSError:  # closed, or already a wake pending (buffer full): either way fine
+                pass
 
     @property
     def ready(self) -> bool:
