@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go (issue 15, "GPU readiness"), results in benchmarks/results/gpu/:
 #   1. the --device tests (tests/test_gpu.py; skipped, with the reason, where there is no CUDA)
-#   2. enhance ms/image at 2048x2048, alone and in batches (images/s): benchmarks.gpu_enhance
+#   2. enhance ms/image at 2048x2048, alone and in batches (images/s): benchmarks.gpu_enhance;
+#      2b. the node's worker on the device with [worker] batch 1 and 8: benchmarks.workers
 #   3. the Table-1 full run on the device: benchmarks.table1 (hours; resumable, it reuses the
 #      checkpoints already trained under var/table1-full/)
 #
@@ -46,6 +47,15 @@ if [[ "$smoke" == 1 ]]; then
 else
   "$python" -m benchmarks.gpu_enhance --device "$device" --size 2048 --batch 1 4 8 16 32 --repeats 20 | tee "$out/enhance.txt"
 fi
+
+echo "== 2b. the node's worker on the device: images/s of 2500x2000 CR, [worker] batch 1 and 8"
+for batch in 1 8; do
+  if [[ "$smoke" == 1 ]]; then
+    "$python" -m benchmarks.workers --device "$device" --batch "$batch" --processes 1 --n 4 --rows 256 --cols 200 --repeats 1
+  else
+    "$python" -m benchmarks.workers --device "$device" --batch "$batch" --processes 1 --n 48 --repeats 3
+  fi
+done | tee "$out/workers.txt"
 
 echo "== 3. Table 1, the full run"
 table1_cmd=("$python" -m benchmarks.table1 --device "$device" --out "$out/table1")

@@ -28,12 +28,13 @@ from model import DEFAULT_WEIGHTS
 from support.helpers import phantom_dataset, worker_processes, write_worker_config
 
 
-def run_once(folder: Path, sources: list[Path], weights: str, processes: int, threads: int) -> tuple[float, float]:
+def run_once(folder: Path, sources: list[Path], weights: str, processes: int, threads: int,
+             device: str = "cpu", batch: int = 0) -> tuple[float, float]:
     """Seconds for `processes` workers to work every file in `sources` (after they are ready),
     and the mean seconds per job of the worker's own enhancement (as /metrics reports it)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    config_path = write_worker_config(folder, weights, processes, threads, level="error")
+    config_path = write_worker_config(folder, weights, processes, threads, level="error", device=device, batch=batch)
     config = load_config(config_path)
     spool = Spool(config.spool.dir).create()
     queue = JobQueue(spool.db_path)
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="[worker] threads (0: cores / processes)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the configurations")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--device", default="cpu", help="[model] device of the workers (cuda on a GPU machine)")
+    parser.add_argument("--batch", type=int, default=0, help="[worker] batch (0: 8 on a GPU, 1 on the CPU)")
     args = parser.parse_args(argv)
 
     cores = available_cores()
@@ -86,12 +89,14 @@ def main(argv=None) -> int:
         per_job = {p: [] for p in args.processes}
         for _ in range(args.repeats):
             for processes in args.processes:
-                elapsed, enhance = run_once(tmp / "run", sources, args.weights, processes, args.threads)
+                elapsed, enhance = run_once(tmp / "run", sources, args.weights, processes, args.threads,
+                                            args.device, args.batch)
                 times[processes].append(elapsed)
                 per_job[processes].append(enhance)
     rate = {p: args.n / statistics.median(t) for p, t in times.items()}
     best = {p: args.n / min(t) for p, t in times.items()}
-    print(f"workers benchmark: commit {git_commit()}; {cpu_description()}; weights {Path(args.weights).name}")
+    print(f"workers benchmark: commit {git_commit()}; {cpu_description()}; weights {Path(args.weights).name}; "
+          f"device {args.device}, [worker] batch {args.batch}")
     print(f"  {args.n} synthetic CR {args.rows}x{args.cols} 12-bit per run, voi, folder destination; "
           f"median of {args.repeats} runs each, in turn")
     for processes, t in times.items():

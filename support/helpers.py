@@ -124,16 +124,19 @@ def flock_held(path: Path) -> bool:
 
 
 def write_worker_config(folder: Path, weights: Path | str, processes: int, threads: int = 0,
-                        enhance: tuple[str, ...] = ("CR", "DX"), level: str = "warning") -> Path:
+                        enhance: tuple[str, ...] = ("CR", "DX"), level: str = "warning",
+                        device: str = "cpu", batch: int = 0) -> Path:
     """A config.toml in `folder` for worker processes without an SCP: spool and a folder
-    destination `outbox` inside `folder`, the model on the CPU, [worker] processes and threads."""
+    destination `outbox` inside `folder`, the model on `device`, [worker] processes, threads
+    and batch."""
     import json
 
     config = folder / "config.toml"
     config.write_text("\n".join([
         "[spool]", 'dir = "spool"',
-        "[model]", f"weights = {json.dumps(str(weights))}", 'device = "cpu"', f"enhance = {json.dumps(list(enhance))}",
-        "[worker]", f"processes = {processes}", f"threads = {threads}",
+        "[model]", f"weights = {json.dumps(str(weights))}", f"device = {json.dumps(device)}",
+        f"enhance = {json.dumps(list(enhance))}",
+        "[worker]", f"processes = {processes}", f"threads = {threads}", f"batch = {batch}",
         "[logging]", 'format = "json"', f"level = {json.dumps(level)}",
         "[[destinations]]", 'name = "archive"', 'type = "folder"', 'path = "outbox"',
     ]) + "\n")

@@ -122,8 +122,7 @@ def test_a_worker_with_a_batch_of_4_derives_the_same_pixels_as_one_at_a_time(tmp
     for batch in (1, 4):
         folder = tmp_path / f"batch{batch}"
         folder.mkdir()
-        config_path = write_worker_config(folder, weights, processes=1, threads=1, enhance=("CR",))
-        config_path.write_text(config_path.read_text().replace("threads = 1", f"threads = 1\nbatch = {batch}"))
+        config_path = write_worker_config(folder, weights, processes=1, threads=1, enhance=("CR",), batch=batch)
         config = load_config(config_path)
         enhancer, is_ours, _ = worker_module._load_enhancer(config)
         worker = worker_module.Worker(config, enhancer, is_ours)
