@@ -11,7 +11,6 @@ Every outcome is classified for the worker (DICOM PS3.4 B.2.3, PS3.7 C):
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -264,8 +263,8 @@ class FolderTarget:
         return f"{self.dest.name}: folder {self.dest.path} is writable"
 
     def send_batch(self, items: Sequence[Item], on_delivered: Callable[[Item], None] | None = None) -> list[Outcome]:
-        """Each file placed atomically (with `link`, spool.place_copy: a hard link to the spool's
-        file where it can; else a copy: tmp + fsync + rename); then one fsync per touched folder
+        """Each file placed atomically (spool.place_copy: with `link` a hard link to the spool's
+        file where it can, else a copy: tmp + fsync + rename); then one fsync per touched folder
         (including the parents of folders made for a new patient/study/series) for the whole
         batch. (`on_delivered` is not needed here: writing a file again is harmless.)"""
         outcomes, folders = [], set()
@@ -273,11 +272,7 @@ class FolderTarget:
             try:
                 target = self.target_path(item.path)
                 folders.update(_make_dirs(target.parent))
-                if self.link:
-                    place_copy(item.path, target)
-                else:
-                    with open(item.path, "rb") as src:
-                        write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
+                place_copy(item.path, target, link=self.link)
                 outcomes.append(DELIVERED)
             except OSError as exc:  # disk full, permissions: may pass
                 outcomes.append(Outcome("retry", f"{self.dest.name}: cannot write: {exc}"))

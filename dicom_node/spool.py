@@ -70,18 +70,22 @@ def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
     return target
 
 
-def place_copy(source: Path, target: Path) -> Path:
-    """`target` gets `source`'s content, atomically (a reader sees nothing or the whole file),
-    with no copy where it can: a hard link when both are on one file system. For files that are
-    never written again once they landed (the spool's received and derived files: a job only
-    unlinks them), so the two names stay the same bytes; the content is durable already, and
-    the caller fsyncs the target's folder. The link keeps the spool file's owner and mode. Anywhere a link cannot be made (another file system,
-    one without hard links) the content is copied with write_atomic(sync_dir=False)."""
+def place_copy(source: Path, target: Path, link: bool = True) -> Path:
+    """`target` gets `source`'s content atomically (a reader sees nothing or the whole file); the
+    caller fsyncs the target's folder. With `link`, as a hard link where one can be made (both on
+    one file system): no copy, and the content is durable already. Only for files never written
+    again once they landed (the spool's received and derived files: a job only unlinks them), so
+    the two names stay the same bytes; the link keeps the spool file's owner and mode. Otherwise,
+    or where no link can be made (another file system, one without hard links), a copy made with
+    write_atomic(sync_dir=False)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
-    try:
-        os.link(source, tmp)
-    except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK ...: copy instead (a full disk fails there too)
+    if link:
+        try:
+            os.link(source, tmp)
+        except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK ...: copy instead (a full disk fails there too)
+            link = False
+    if not link:
         with open(source, "rb") as src:
             return write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
     try:
