@@ -49,13 +49,11 @@ else
 fi
 
 echo "== 2b. the node's worker on the device: images/s of 2500x2000 CR, [worker] batch 1 and 8"
-for batch in 1 8; do
-  if [[ "$smoke" == 1 ]]; then
-    "$python" -m benchmarks.workers --device "$device" --batch "$batch" --processes 1 --n 4 --rows 256 --cols 200 --repeats 1
-  else
-    "$python" -m benchmarks.workers --device "$device" --batch "$batch" --processes 1 --n 48 --repeats 3
-  fi
-done | tee "$out/workers.txt"
+if [[ "$smoke" == 1 ]]; then
+  "$python" -m benchmarks.workers --device "$device" --batch 1 8 --processes 1 --n 4 --rows 256 --cols 200 --repeats 1
+else
+  "$python" -m benchmarks.workers --device "$device" --batch 1 8 --processes 1 --n 48 --repeats 3
+fi | tee "$out/workers.txt"
 
 echo "== 3. Table 1, the full run"
 table1_cmd=("$python" -m benchmarks.table1 --device "$device" --out "$out/table1")

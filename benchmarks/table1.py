@@ -72,7 +72,7 @@ def learned_rows(width: int, levels: int = 5) -> list[Learned]:
 @dataclass(frozen=True)
 class Mode:
     """Data and training budget of a run; a training setting left None is the loop's default
-    (training.loop.TrainConfig), so the full run trains every row as `dicom-node train` does."""
+    (training.config.TrainConfig), so the full run trains every row as `dicom-node train` does."""
 
     name: str
     anatomies: int  # synth --n
@@ -147,7 +147,7 @@ def synth_step(run: Run) -> Path:
 
 
 def train_config(run: Run, spec: Learned):
-    from training.loop import TrainConfig
+    from training.config import TrainConfig
 
     m = run.mode
     budget = {k: getattr(m, k) for k in ("epochs", "lr", "batch", "crop", "patience") if getattr(m, k) is not None}

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the configurations")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--device", default="cpu", help="[model] device of the workers (cuda on a GPU machine)")
-    parser.add_argument("--batch", type=int, default=0, help="[worker] batch (0: 8 on a GPU, 1 on the CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[0],
+                        help="[worker] batch, one configuration each (0: 8 on a GPU, 1 on the CPU)")
     args = parser.parse_args(argv)
 
     cores = available_cores()
@@ -85,34 +86,38 @@ def main(argv=None) -> int:
             path.parent.mkdir(exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
             sources.append(path)
-        times = {p: [] for p in args.processes}
-        per_job = {p: [] for p in args.processes}
+        configurations = [(processes, batch) for batch in args.batch for processes in args.processes]
+        times = {c: [] for c in configurations}
+        per_job = {c: [] for c in configurations}
         for _ in range(args.repeats):
-            for processes in args.processes:
+            for processes, batch in configurations:
                 elapsed, enhance = run_once(tmp / "run", sources, args.weights, processes, args.threads,
-                                            args.device, args.batch)
-                times[processes].append(elapsed)
-                per_job[processes].append(enhance)
-    rate = {p: args.n / statistics.median(t) for p, t in times.items()}
-    best = {p: args.n / min(t) for p, t in times.items()}
+                                            args.device, batch)
+                times[processes, batch].append(elapsed)
+                per_job[processes, batch].append(enhance)
+    rate = {c: args.n / statistics.median(t) for c, t in times.items()}
+    best = {c: args.n / min(t) for c, t in times.items()}
     print(f"workers benchmark: commit {git_commit()}; {cpu_description()}; weights {Path(args.weights).name}; "
-          f"device {args.device}, [worker] batch {args.batch}")
+          f"device {args.device}")
     print(f"  {args.n} synthetic CR {args.rows}x{args.cols} 12-bit per run, voi, folder destination; "
           f"median of {args.repeats} runs each, in turn")
-    for processes, t in times.items():
+    for (processes, batch), t in times.items():
         threads = args.threads or max(1, cores // processes)
-        per_day_core = rate[processes] * 86400 / min(cores, processes * threads)
-        print(f"  {processes} worker(s) x {threads} thread(s): {rate[processes]:6.2f} images/s median, "
-              f"{best[processes]:6.2f} best   (runs: {', '.join(f'{x:.1f}' for x in t)} s)   "
+        per_day_core = rate[processes, batch] * 86400 / min(cores, processes * threads)
+        batch_note = f", [worker] batch {batch}" if args.batch != [0] else ""
+        print(f"  {processes} worker(s) x {threads} thread(s){batch_note}: {rate[processes, batch]:6.2f} images/s median, "
+              f"{best[processes, batch]:6.2f} best   (runs: {', '.join(f'{x:.1f}' for x in t)} s)   "
               f"{per_day_core:,.0f} images/day per core (median)")
         print(f"      the worker's own enhancement per job (decode, maps, remap, encode, spool write; "
-              f"/metrics' dicom_node_enhance_seconds): {statistics.median(per_job[processes]):.3f} s mean, median of runs")
-    base = args.processes[0]
-    for processes in args.processes[1:]:
-        ratio = rate[processes] / rate[base]
-        target = "  (target >= 1.6x: " + ("met)" if ratio >= 1.6 else "NOT met)") if (base, processes) == (1, 2) else ""
-        print(f"  ratio {processes} workers / {base}: {ratio:.2f}x from the medians, "
-              f"{best[processes] / best[base]:.2f}x from the best runs{target}")
+              f"/metrics' dicom_node_enhance_seconds): {statistics.median(per_job[processes, batch]):.3f} s mean, "
+              f"median of runs")
+    for batch in args.batch:
+        base = args.processes[0]
+        for processes in args.processes[1:]:
+            ratio = rate[processes, batch] / rate[base, batch]
+            target = "  (target >= 1.6x: " + ("met)" if ratio >= 1.6 else "NOT met)") if (base, processes) == (1, 2) else ""
+            print(f"  ratio {processes} workers / {base}: {ratio:.2f}x from the medians, "
+                  f"{best[processes, batch] / best[base, batch]:.2f}x from the best runs{target}")
     return 0
 
 
