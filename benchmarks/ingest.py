@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.stamp import cpu_description, git_commit  # noqa: E402
 from support.node_peers import (  # noqa: E402
-    DCMTK_ENV, NodeProcess, copies_with_new_uids, free_port, port_open, wait_until,
+    DCMTK_ENV, NodeProcess, copies_with_new_uids, free_port, storescp, wait_until,
 )
 
 LOG_CONFIG = """\
@@ -102,18 +101,9 @@ def count_files(folder: Path, exclude_series: str | None = None) -> int:
 def run_storescp(files, work: Path, log_config: Path, associations: int = 1):
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
     port = free_port()
-    fork = ["--fork"] if associations > 1 else []  # else it serves one association at a time
-    proc = subprocess.Popen(["storescp", *fork, "-aet", "STORESCP", "--output-directory", str(out), str(port)],
-                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_until(lambda: port_open(port), 10, 0.05, "storescp")
+    with storescp(out, "STORESCP", port, fork=associations > 1):
         _, seconds, latency = send_parallel(files, associations, port, "STORESCP", log_config)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the forked children too
-        proc.wait(10)
     return seconds, latency
 
 

@@ -52,16 +52,18 @@ def storescu(files, port: int, calling: str = "MODALITY", called: str = "ENHANCE
 
 
 @contextlib.contextmanager
-def storescp(folder: Path, aet: str, port: int):
-    """DCMTK's storescp writing what it receives into `folder` (made here), until the block ends."""
+def storescp(folder: Path, aet: str, port: int, fork: bool = False):
+    """DCMTK's storescp writing what it receives into `folder` (made here), until the block ends.
+    `fork`: a process per association (else it serves one at a time); the whole process group is
+    stopped at the end."""
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["storescp", "-aet", aet, "-od", str(folder), str(port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["storescp", *(["--fork"] if fork else []), "-aet", aet, "-od", str(folder), str(port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: port_open(port), 15, what="storescp to listen")
         yield proc
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # the forked children too
         proc.wait(10)
 
 
@@ -114,7 +116,7 @@ class NodeProcess:
 
     def cli(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-c", "from cli import main; main()", *args,
+            [sys.executable, "-m", "cli", *args,
              "--config", str(self.config)],
             cwd=REPO, capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -122,7 +124,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self._log_file = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from cli import main; main()", "serve",
+            [sys.executable, "-m", "cli", "serve",
              "--config", str(self.config)],
             cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
