@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_enhance(files: list[Path], out: Path, weights: str) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "enhance",
+    result = subprocess.run([sys.executable, "-m", "cli", "enhance",
                              *map(str, files), "--out", str(out), "--weights", weights, "--device", "cpu"],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0:

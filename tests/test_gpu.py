@@ -71,7 +71,7 @@ def test_enhancing_on_cuda_gives_the_cpu_result(seeded, mode):
 
 @cuda
 def test_the_enhance_command_runs_on_cuda(seeded, tmp_path):
-    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "enhance",
+    result = subprocess.run([sys.executable, "-m", "cli", "enhance",
                              str(testdata("RG1_UNCR.dcm")), "--out", str(tmp_path), "--weights", str(seeded),
                              "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -778,7 +778,7 @@ def test_serve_takes_host_port_and_log_level_from_the_command_line(tmp_path, con
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "serve", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--config",
                                  str(node.config), "--port", str(port), "--host", "127.0.0.1", "--log-level", "debug"],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
