@@ -21,7 +21,7 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_node.reader import read_radiograph
 from dicom_node.writer import is_derived_by_us
 from support.node_peers import (
-    DCMTK_ENV, NodeProcess, Orthanc, copies_with_new_uids, free_port, storescp, storescu, wait_until,
+    NodeProcess, Orthanc, copies_with_new_uids, free_port, storescp, storescu, wait_until,
 )
 
 CR_FILES = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm"]
@@ -279,10 +279,7 @@ def test_folder_destination_end_to_end_with_status_echo_and_no_second_enhancemen
         tmp_path, peers, constant_weights):
     outbox = tmp_path / "outbox"
     storescp_port = free_port()
-    scp = subprocess.Popen(["storescp", "-aet", "PEER", "--output-directory", str(tmp_path),
-                            str(storescp_port)], env=DCMTK_ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with storescp(tmp_path, "PEER", storescp_port):
         node = start(peers, NodeProcess(tmp_path / "node", constant_weights, [
             {"name": "archive", "type": "folder", "path": str(outbox)},
             {"name": "peer", "type": "dicom", "ae_title": "PEER", "host": "127.0.0.1",
@@ -338,9 +335,6 @@ def test_folder_destination_end_to_end_with_status_echo_and_no_second_enhancemen
         assert set(outbox.rglob("*.dcm")) == before  # back in place, and nothing new derived
         assert pydicom.dcmread(derived_file).PixelData == derived.PixelData
         assert node.stop() == 0
-    finally:
-        scp.terminate()
-        scp.wait(10)
 
 
 @pytest.mark.timeout(120)
@@ -694,15 +688,10 @@ def test_a_hanging_pacs_holds_up_only_itself_and_gets_everything_once_a_real_one
     assert "pacs" in report["oldest_pending"]["last_error"]
 
     hanging.close()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with storescp(received, "PACS", pacs_port):
         node.wait_drained(expected_done=1, timeout=60)
         assert [pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()] == [uid_of(ct)]
         assert len(list(outbox.rglob("*.dcm"))) == 1  # the folder got it once, not again on the retries
-    finally:
-        pacs.terminate()
-        pacs.wait(10)
 
 
 @pytest.mark.reliability
