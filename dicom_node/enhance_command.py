@@ -48,6 +48,7 @@ def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entri
     from dicom_node.enhancer import Enhancer
     from dicom_node.errors import UnsupportedImage
     from dicom_node.reader import load_dataset
+    from dicom_node.spool import write_file
     from dicom_node.writer import enhanced_classes, is_derived_by_us
 
     classes = enhanced_classes(tuple(enhance_entries))
@@ -76,10 +77,10 @@ def enhance(paths, out_dir, mode, weights, device, parametric_map, enhance_entri
             continue
         if prediction.guard:
             guarded.append((path, prediction.guard.describe()))
-        derived.save_as(output_path(out, derived), enforce_file_format=True)
+        write_file(output_path(out, derived), lambda f: derived.save_as(f, enforce_file_format=True))
         if parametric_map:
             maps = enhancer.parametric_map(source, prediction)
-            maps.save_as(output_path(out, maps), enforce_file_format=True)
+            write_file(output_path(out, maps), lambda f: maps.save_as(f, enforce_file_format=True))
         done += 1
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)

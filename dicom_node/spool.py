@@ -31,6 +31,11 @@ from typing import BinaryIO
 from dicom_node.errors import NodeError
 
 _TMP_PREFIX = ".partial-"
+
+#: The most bytes one write() call hands the kernel. On ext4 with large folios (Linux 6.18 on the
+#: CI VM) a single write() of 2 MiB or more into a new file took 4.7-5.2 ms per 2 MiB, 1 MiB
+#: pieces 0.4 ms (DCMTK writes in small pieces too); a received CR image is 2-10 MB.
+WRITE_PIECE = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -41,6 +46,35 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class PieceWriter:
+    """A binary file whose `write` hands the kernel at most WRITE_PIECE bytes a call; every
+    other attribute (seek, tell, flush, fileno ...) is the wrapped file's."""
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+
+    def write(self, data) -> int:
+        with memoryview(data) as view, view.cast("B") as octets:
+            for start in range(0, len(octets), WRITE_PIECE):
+                self._file.write(octets[start:start + WRITE_PIECE])
+            return len(octets)
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+def write_file(target: str | Path, content: bytes | Callable[[BinaryIO], None], mode: str = "wb",
+               fsync: bool = False) -> None:
+    """Write `content` (bytes, or a function writing to a binary file) to `target` in pieces of
+    at most WRITE_PIECE bytes; in place, not atomic (that is write_atomic)."""
+    with open(target, mode) as f:
+        pieces = PieceWriter(f)
+        content(pieces) if callable(content) else pieces.write(content)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
@@ -54,13 +88,7 @@ def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
     try:
-        with open(tmp, "xb") as f:
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                f.write(content)
-            else:
-                content(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp, content, mode="xb", fsync=True)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
