@@ -94,8 +94,9 @@ def _file_writer(event: evt.Event):
 
 
 class _WakingQueue(queue.Queue):
-    """The DUL's queue of primitives to send (the handler's C-STORE response among them): each
-    put also wakes the DUL thread out of its wait on the socket."""
+    """A queue whose every put also wakes the thread that waits for it: the DUL's primitives to
+    send (the handler's C-STORE response among them), the association's decoded DIMSE messages
+    and its DUL primitives (A-RELEASE, A-ABORT)."""
 
     wake: Callable[[], None]
 
@@ -197,10 +198,35 @@ class PduSocket(AssociationSocket):
         return buffer
 
 
+def wait_for_messages(assoc) -> None:
+    """Let the association's thread wait for its next message instead of polling for it.
+
+    pynetdicom's acceptor loop sleeps 1 ms, then looks for a decoded DIMSE message, an A-RELEASE
+    or an A-ABORT: a C-STORE whose last byte arrived waits up to 1 ms before its handler runs,
+    and an idle association wakes 1,000 times a second. Here its non-blocking look waits, while
+    both queues are empty, until one of their puts rings, and at most PduSocket.LONGEST_WAIT
+    (its other checks: a stop, the DUL thread's end, the idle timer)."""
+    dimse, dul = assoc.dimse, assoc.dul
+    bell = threading.Event()
+    for messages in (dimse.msg_queue, dul.to_user_queue):
+        messages.__class__ = _WakingQueue
+        messages.wake = bell.set
+    look = dimse.get_msg
+
+    def get_msg(block: bool = False):
+        if not block:
+            bell.clear()  # before looking: a put after the look rings again
+            if dimse.msg_queue.empty() and dul.to_user_queue.empty() and not assoc._kill:
+                bell.wait(PduSocket.LONGEST_WAIT)
+        return look(block)
+    dimse.get_msg = get_msg
+
+
 def _on_connection_open(event: evt.Event) -> None:
     # EVT_CONN_OPEN comes after pynetdicom wrapped the accepted socket and before the
-    # association's DUL thread starts reading from it.
+    # association's DUL thread starts reading from it (and before its own loop starts).
     PduSocket.adopt(event.assoc)
+    wait_for_messages(event.assoc)
 
 
 def association_label(assoc) -> str:

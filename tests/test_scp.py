@@ -182,20 +182,30 @@ def _wait_for_no_associations(port: int) -> None:
 def test_an_idle_association_sleeps_in_select_instead_of_polling(scp_server, monkeypatch):
     import time
 
+    import types
+
+    import pynetdicom.association
+
     port, _ = scp_server
-    checks = []
+    checks, loops = [], []
     ready = PduSocket.ready.fget
     monkeypatch.setattr(PduSocket, "ready", property(lambda sock: checks.append(1) or ready(sock)))
+    # the association's own loop sleeps 1 ms per turn: its turns are counted by its sleeps
+    counting = types.SimpleNamespace(**vars(time))
+    counting.sleep = lambda seconds: loops.append(threading.current_thread().name) or time.sleep(seconds)
+    monkeypatch.setattr(pynetdicom.association, "time", counting)
     assoc = _requestor(port)
     try:
-        before = len(checks)
+        before, loops_before = len(checks), len(loops)
         time.sleep(1.0)
         idle_checks = len(checks) - before
+        idle_loops = sum(1 for name in loops[loops_before:] if name.startswith("AcceptorThread"))
         assert assoc.send_c_echo().Status == 0  # and it still answers at once
     finally:
         assoc.release()
-    # about 1 / LONGEST_WAIT = 20 a second; pynetdicom's own loop looks about 1,000 times a second
+    # about 1 / LONGEST_WAIT = 20 a second; pynetdicom's own loops look about 1,000 times a second
     assert idle_checks <= 2 / PduSocket.LONGEST_WAIT, idle_checks
+    assert 0 < idle_loops <= 2 / PduSocket.LONGEST_WAIT, idle_loops
 
 
 @pytest.mark.timeout(60)
