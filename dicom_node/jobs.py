@@ -242,6 +242,13 @@ class JobQueue:
                              [(worker, now, row["id"]) for row in rows])
         return [Job.from_row(row) for row in rows]
 
+    def waiting(self, now: float | None = None) -> int:
+        """How many jobs are due (received, next attempt not in the future): what a claim could
+        take, give or take the newer copies that wait for an older one."""
+        now = time.time() if now is None else now
+        return self._conn().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'received' AND next_attempt_at <= ?", (now,)).fetchone()[0]
+
     def next_due(self) -> float | None:
         """When the earliest waiting job becomes ready (None when nothing waits)."""
         row = self._conn().execute(

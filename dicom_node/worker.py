@@ -59,7 +59,9 @@ PREPARE_CONCURRENCY = 2
 WORKER_NICENESS = 5
 #: ... and a burst is acknowledged at full speed, then enhanced: while the SCP is storing (its
 #: last store less than RECEIVING_QUIET_SECONDS ago) a worker waits before each batch, at most
-#: YIELD_SECONDS, so under a steady stream of stores it still works a batch after each wait.
+#: YIELD_SECONDS, so under a steady stream of stores it still works a batch after each wait. A
+#: worker that only forwards waits only until a whole batch is due: its fsyncs (claim, folder,
+#: settle) are then shared by BATCH_SIZE jobs instead of taking turns with each store's.
 RECEIVING_QUIET_SECONDS = 0.05
 YIELD_SECONDS = 1.0
 #: Tries of the model on one image before its original is forwarded without enhancement.
@@ -190,14 +192,17 @@ class Worker:
         return [future.result() for future in running]
 
     def yield_to_receiving(self, stop=None) -> float:
-        """Before a batch of enhancement: wait while the SCP is storing (RECEIVING_QUIET_SECONDS),
-        at most YIELD_SECONDS; returns the seconds waited. A worker that only forwards does not
-        wait (its work is light)."""
-        if self.last_store is None or self.derivation is None:
+        """Before a batch: wait while the SCP is storing (RECEIVING_QUIET_SECONDS), at most
+        YIELD_SECONDS, and when only forwarding, only until BATCH_SIZE jobs are due; returns the
+        seconds waited."""
+        if self.last_store is None:
             return 0.0
+        enough = None if self.derivation is not None else BATCH_SIZE
         started = time.monotonic()
         while time.monotonic() - self.last_store.value < RECEIVING_QUIET_SECONDS:
             if time.monotonic() - started >= YIELD_SECONDS or (stop is not None and stop.is_set()):
+                break
+            if enough is not None and self.queue.waiting() >= enough:
                 break
             time.sleep(RECEIVING_QUIET_SECONDS / 2)
         return time.monotonic() - started

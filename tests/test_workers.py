@@ -258,6 +258,48 @@ def test_a_worker_holds_back_while_the_scp_receives_and_never_longer_than_its_ca
     assert taken == worker_module.BATCH_SIZE and worker.queue.counts()["done"] == taken  # then a whole batch
 
 
+@pytest.mark.timeout(120)
+def test_a_forwarding_worker_holds_back_while_the_scp_receives_until_a_whole_batch_is_due(tmp_path, constant_weights):
+    """A worker that only forwards waits while stores keep coming, as an enhancing one does, but
+    only until BATCH_SIZE jobs are due: then it works them as one batch (one claim, one folder
+    fsync, one settle) instead of one or two at a time between the SCP's stores."""
+    import threading
+
+    from dicom_node import worker as worker_module
+    from dicom_node.node import Node
+
+    config = load_config(_config(tmp_path, constant_weights, processes=1))
+    node = Node(config)
+    worker = worker_module.Worker(config, last_store=node.last_store)  # no enhancer: forwards only
+    quiet, cap, batch = worker_module.RECEIVING_QUIET_SECONDS, worker_module.YIELD_SECONDS, worker_module.BATCH_SIZE
+    done = threading.Event()
+
+    def store_every(seconds: float) -> None:  # as the SCP does after each store
+        while not done.is_set():
+            node._stored()
+            time.sleep(seconds)
+
+    def add(i: int) -> None:
+        worker.queue.add(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.1", tmp_path / f"{i}.dcm")
+    stream = threading.Thread(target=store_every, args=(quiet / 5,))
+    stream.start()
+    try:
+        for i in range(batch - 1):
+            add(i)
+        time.sleep(quiet)
+        assert worker.yield_to_receiving() >= cap  # one job short of a batch: its whole cap
+        last = threading.Timer(0.3 * cap, add, args=(batch,))
+        last.start()
+        waited = worker.yield_to_receiving()
+        last.join()
+        assert 0.3 * cap <= waited < 0.8 * cap, waited  # until the batch was complete
+        assert worker.yield_to_receiving() < quiet  # a batch is due: no wait
+    finally:
+        done.set()
+        stream.join()
+    assert worker.queue.waiting() == batch
+
+
 def test_a_warning_another_thread_gives_while_a_file_is_parsed_is_not_lost(tmp_path):
     """read_complete catches warnings process-wide (pydicom's end-of-file ones mean a torn file):
     one that another thread gives meanwhile is given again, not swallowed."""
