@@ -62,7 +62,7 @@ def send(files: list[Path], port: int, called: str, log_config: Path) -> tuple[f
             sent = None
     if result.returncode != 0 or failures or len(latencies) != len(files):
         raise RuntimeError(f"storescu to {called} failed ({failures} failures, "
-                           f"{len(latencies)} responses):\n{result.stderr[-2000:]}")
+                           f"{len(latencies)} responses):\n{(result.stdout + result.stderr)[-3000:]}")
     return started, seconds, sum(latencies) / len(latencies)
 
 
