@@ -16,6 +16,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from io import BytesIO
 
 import structlog
 from pydicom.uid import (
@@ -25,6 +27,7 @@ from pydicom.uid import (
     HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL,
 )
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
@@ -33,7 +36,7 @@ from dicom_node import audit
 from dicom_node.config import NodeSettings
 from dicom_node.jobs import JobQueue
 from dicom_node.monitor import STORE_SECONDS
-from dicom_node.spool import Spool
+from dicom_node.spool import IncomingFile, Spool
 
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU debug handlers: they cost throughput
 
@@ -78,12 +81,17 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return element(0x0000, b"UL", struct.pack("<I", len(group))) + group
 
 
+def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """What precedes the data set as received in a DICOM file (PS3.10 7.1): the preamble,
+    "DICM" and the file meta."""
+    return b"\x00" * 128 + b"DICM" + file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
 def _file_writer(event: evt.Event):
     """Writes what `event.encoded_dataset()` returns (preamble, file meta, the dataset as
     received) without first joining a copy of the whole dataset in memory."""
     request = event.request
-    head = b"\x00" * 128 + b"DICM" + file_meta_bytes(
-        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
+    head = file_head(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
     stream = request.DataSet
 
     def write(f) -> None:
@@ -91,6 +99,93 @@ def _file_writer(event: evt.Event):
         with stream.getbuffer() as body:  # released at once: pynetdicom closes the stream
             f.write(body)
     return write
+
+
+class SpooledDataSet(BytesIO):
+    """A DIMSE message's data set as pynetdicom's DUL thread decodes it, fragment by fragment.
+
+    A C-STORE's goes straight into an incoming file of the spool, behind the preamble and the
+    file meta, while the rest of it is still arriving (a 2 MB image comes in 16 PDUs from
+    storescu): the handler is left the fsync and the rename, not a 2 MB write, and the image
+    is never held in memory. Any other message's data set stays in memory, as pynetdicom keeps
+    it. Nothing may raise in the DUL thread: an error is kept for the handler, which refuses the
+    store (a write error 0xA700, another 0xC000). `keep` and `discard` are the handler's (and
+    the end of an association's, for a message that never completed).
+    """
+
+    def __init__(self, spool: Spool, message: DIMSEMessage, assoc):
+        super().__init__()
+        self._spool, self._message, self._assoc = spool, message, assoc
+        self._incoming: IncomingFile | None = None
+        self._spooled: bool | None = None  # None until the first fragment says what it is
+        self.error: Exception | None = None
+
+    @property
+    def spooled(self) -> bool:
+        return bool(self._spooled)
+
+    def write(self, data) -> int:
+        if self._spooled is None:
+            self._spooled = isinstance(self._message, C_STORE_RQ)
+            if self._spooled:
+                self._open()
+        if not self._spooled:
+            return super().write(data)
+        if self._incoming is not None:
+            try:
+                self._incoming.file.write(data)
+            except Exception as exc:
+                self._fail(exc)
+        return len(data)
+
+    def _open(self) -> None:
+        try:
+            command = self._message.command_set
+            syntax = self._assoc._accepted_cx[self._message.context_id].transfer_syntax[0]
+            self._incoming = self._spool.open_received()
+            self._incoming.file.write(file_head(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax))
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = self.error or exc
+        self.discard()  # the rest of the data set is read and dropped
+
+    def keep(self, sop_instance_uid: str) -> Path:
+        """The complete file, durable under its final name (the folder's fsync is the caller's);
+        raises the write error, if there was one."""
+        if self.error is not None:
+            raise self.error
+        return self._incoming.keep(sop_instance_uid)
+
+    def discard(self) -> None:
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+
+
+def spool_data_sets(assoc, spool: Spool) -> None:
+    """Each DIMSE message the association receives decodes its data set into a SpooledDataSet;
+    when its DUL thread ends, a message still incomplete (an abort mid-store) is discarded."""
+    dimse, dul = assoc.dimse, assoc.dul
+    receive = dimse.receive_primitive
+
+    def receive_primitive(primitive) -> None:
+        if dimse.message is None:  # as pynetdicom starts a message, with our data set
+            dimse.message = DIMSEMessage()
+            dimse.message.data_set = SpooledDataSet(spool, dimse.message, assoc)
+        receive(primitive)
+    dimse.receive_primitive = receive_primitive
+    run = dul.run
+
+    def run_then_discard_an_incomplete_message() -> None:
+        try:
+            run()
+        finally:
+            unfinished = dimse.message
+            if unfinished is not None and isinstance(unfinished.data_set, SpooledDataSet):
+                unfinished.data_set.discard()
+    dul.run = run_then_discard_an_incomplete_message
 
 
 class _WakingQueue(queue.Queue):
@@ -222,11 +317,12 @@ def wait_for_messages(assoc) -> None:
     dimse.get_msg = get_msg
 
 
-def _on_connection_open(event: evt.Event) -> None:
+def _on_connection_open(event: evt.Event, spool: Spool) -> None:
     # EVT_CONN_OPEN comes after pynetdicom wrapped the accepted socket and before the
     # association's DUL thread starts reading from it (and before its own loop starts).
     PduSocket.adopt(event.assoc)
     wait_for_messages(event.assoc)
+    spool_data_sets(event.assoc, spool)
 
 
 def association_label(assoc) -> str:
@@ -254,13 +350,16 @@ class StoreHandler:
         association = association_label(event.assoc)
         with structlog.contextvars.bound_contextvars(association=association, sop_instance_uid=sop_uid):
             path = job_id = None
+            stream = request.DataSet
             try:
-                data = _file_writer(event)
                 # file: tmp + fsync + rename; job: SQLite commit; then the folder fsync that
                 # makes the rename durable. All of it before we answer. The commit is not
                 # fsynced (the node's queue is synchronous=NORMAL): the durable file is the
                 # journal, and a job a power cut took is rebuilt from it at start.
-                path = self.spool.store_received(data, sop_uid, sync_dir=False)
+                if isinstance(stream, SpooledDataSet) and stream.spooled:  # written as it arrived
+                    path = stream.keep(sop_uid)
+                else:
+                    path = self.spool.store_received(_file_writer(event), sop_uid, sync_dir=False)
                 job_id, superseded = self.queue.add(
                     sop_uid, str(request.AffectedSOPClassUID), path,
                     calling_aet=event.assoc.requestor.ae_title, association=association)
@@ -269,12 +368,12 @@ class StoreHandler:
                     self.queue.sync()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
-                self._discard_uncommitted(path, job_id)
+                self._discard_uncommitted(path, job_id, stream)
                 self._audit(event, sop_uid, association, job_id, f"refused 0xA700: {exc}")
                 return OUT_OF_RESOURCES
             except Exception as exc:  # never raise into the association
                 log.exception("not stored, answered cannot understand", error=repr(exc))
-                self._discard_uncommitted(path, job_id)
+                self._discard_uncommitted(path, job_id, stream)
                 self._audit(event, sop_uid, association, job_id, f"refused 0xC000: {exc}")
                 return CANNOT_UNDERSTAND
             if superseded:
@@ -295,8 +394,11 @@ class StoreHandler:
         except Exception:  # the audit file must never fail a store
             log.exception("audit line not written")
 
-    def _discard_uncommitted(self, path, job_id) -> None:
-        """A file whose job is committed stays: the worker delivers it even if we said failure."""
+    def _discard_uncommitted(self, path, job_id, stream) -> None:
+        """A file whose job is committed stays: the worker delivers it even if we said failure.
+        One still being written goes."""
+        if isinstance(stream, SpooledDataSet):
+            stream.discard()  # nothing once kept
         if job_id is None:
             self._discard(path)
 
@@ -348,7 +450,7 @@ def start_scp(settings: NodeSettings, spool: Spool, queue: JobQueue,
     handlers = [
         (evt.EVT_C_STORE, StoreHandler(spool, queue, on_stored)),
         (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_CONN_OPEN, _on_connection_open),
+        (evt.EVT_CONN_OPEN, _on_connection_open, [spool]),
         (evt.EVT_ACCEPTED, _on_accepted),
         (evt.EVT_REJECTED, _on_rejected),
     ]

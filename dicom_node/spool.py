@@ -125,6 +125,40 @@ def place_copy(source: Path, target: Path, link: bool = True) -> Path:
     return target
 
 
+class IncomingFile:
+    """One received instance on its way into incoming/: a temporary file (`file`: written in
+    pieces) until `keep` makes it durable under its final name, unique per receipt (flush, fsync,
+    rename; the folder's fsync is the caller's, Spool.sync_incoming); `discard` removes it. A
+    crash in between leaves a partial file, removed at the next start."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(6)}.dcm"
+        self._raw = open(self._tmp, "xb")
+        self.file = PieceWriter(self._raw)
+
+    def keep(self, sop_instance_uid: str) -> Path:
+        target = self.folder / f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self._tmp, target)
+        except BaseException:
+            self.discard()
+            raise
+        return target
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing once kept)."""
+        try:
+            self._raw.close()
+        except OSError:  # its flush, on a full disk: the bytes are thrown away anyway
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
 def safe_name(value: object, fallback: str = "UNKNOWN") -> str:
     """A value (Patient ID, UID) as one safe path component."""
     text = _UNSAFE.sub("_", str(value or "").strip()).strip("._")
@@ -180,8 +214,20 @@ class Spool:
         The SCP passes sync_dir=False and calls `sync_incoming` after committing the job:
         the same guarantees before it answers, one journal commit fewer on ext4.
         """
-        name = f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
-        return write_atomic(self.incoming / name, data, sync_dir=sync_dir)
+        incoming = self.open_received()
+        try:
+            data(incoming.file) if callable(data) else incoming.file.write(data)
+        except BaseException:
+            incoming.discard()
+            raise
+        path = incoming.keep(sop_instance_uid)
+        if sync_dir:
+            self.sync_incoming()
+        return path
+
+    def open_received(self) -> IncomingFile:
+        """A temporary file in incoming/ for an instance whose bytes are still arriving."""
+        return IncomingFile(self.incoming)
 
     def sync_incoming(self) -> None:
         fsync_dir(self.incoming)

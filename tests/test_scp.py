@@ -256,3 +256,81 @@ def test_associations_leave_no_open_descriptors_behind(scp_server):
         assoc.release()
     _wait_for_no_associations(port)
     assert open_fds() <= baseline + 2  # 20 leaked pairs would be 40
+
+
+# --- a C-STORE's data set goes into the spool as it arrives ------------------------------------
+
+@pytest.mark.timeout(120)
+def test_a_stored_data_set_is_written_into_the_spool_as_it_arrives_not_held_in_memory(scp_server, monkeypatch):
+    """storescu sends a radiograph in 128 KiB PDUs: by the time the handler runs, the whole file
+    (preamble, meta, data set) is in incoming/ as a partial file and nothing of it is in memory;
+    the file kept is the image sent."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from dicom_node import scp
+    from support.node_peers import storescu
+
+    port, spool = scp_server
+    seen = []
+    store = scp.StoreHandler._store
+
+    def observed(self, event):
+        stream = event.request.DataSet
+        partials = [p.stat().st_size for p in spool.incoming.glob(".partial-*")]
+        seen.append((type(stream).__name__, stream.spooled, len(stream.getbuffer()), partials))
+        return store(self, event)
+    monkeypatch.setattr(scp.StoreHandler, "_store", observed)
+    sent = [Path(get_testdata_file(name)) for name in ("RG3_UNCR.dcm", "CT_small.dcm")]
+
+    result = storescu(sent, port)
+
+    assert result.returncode == 0 and result.stderr.count("Received Store Response (Success)") == 2, result.stderr
+    kept = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in spool.received_files()}
+    assert not list(spool.incoming.glob(".partial-*"))
+    for original, (kind, spooled, in_memory, partials) in zip(sent, seen):
+        ds = pydicom.dcmread(original)
+        copy = kept[str(ds.SOPInstanceUID)]
+        assert (kind, spooled, in_memory) == ("SpooledDataSet", True, 0)
+        assert partials == [copy.stat().st_size]  # the whole file was there before the handler ran
+        again = pydicom.dcmread(copy)
+        assert again.PixelData == ds.PixelData and again.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+
+
+@pytest.mark.timeout(120)
+def test_a_store_cut_off_mid_data_set_leaves_no_partial_file_and_no_open_descriptor(scp_server, tmp_path):
+    """The sender dies while its image is arriving: the association ends, and the partial file it
+    was being written into is closed and removed (nothing was acknowledged)."""
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from support.helpers import phantom_dataset
+    from support.node_peers import DCMTK_ENV, wait_until
+
+    port, spool = scp_server
+    big = phantom_dataset(rows=256, cols=256, bits=12, seed=2)
+    big.Rows = big.Columns = 7000  # 98 MB: it takes a while to send
+    big.PixelData = np.zeros((7000, 7000), dtype=np.uint16).tobytes()
+    big.save_as(tmp_path / "big.dcm", enforce_file_format=True)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+    assoc = _requestor(port)  # pynetdicom's lazily opened things are open from here on
+    assoc.release()
+    _wait_for_no_associations(port)
+    baseline = open_fds()
+
+    sender = subprocess.Popen(["storescu", "-aet", "MODALITY", "-aec", "ENHANCE", "127.0.0.1", str(port),
+                               str(tmp_path / "big.dcm")], env=DCMTK_ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: list(spool.incoming.glob(".partial-*")), 60, 0.001, "the data set to arrive")
+    finally:
+        sender.kill()
+        sender.wait(10)
+    _wait_for_no_associations(port)
+
+    assert list(spool.incoming.iterdir()) == []
+    assert open_fds() <= baseline + 2
