@@ -155,28 +155,19 @@ def test_unreadable_dicom_is_named(tiny_archive, tmp_path):
         Archive(tmp_path / "a")
 
 
-def test_target_geometry_mismatch_is_named(tiny_archive, tmp_path):
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: rows[1].update(target=rows[3]["raw"], params=""),  # another anatomy: another size
+     lambda rows: rf"row 2 \(id '{rows[1]['id']}'\), column 'target', file '{rows[3]['raw']}': target geometry mismatch"),
+    (lambda rows: rows[0].update(split="training"),
+     lambda rows: r"row 1 \(id '.*'\), column 'split': bad split value 'training'"),
+    (lambda rows: rows[5].update(params=""),
+     lambda rows: rf"row 6 \(id '{rows[5]['id']}'\): neither target nor params"),
+], ids=["target geometry mismatch", "bad split value", "neither target nor params"])
+def test_a_bad_manifest_row_is_named(tiny_archive, tmp_path, edit, message):
     rows = _copy_archive(tiny_archive, tmp_path / "a")
-    rows[1]["target"] = rows[3]["raw"]  # another anatomy: another size
-    rows[1]["params"] = ""
+    edit(rows)
     _write_manifest(tmp_path / "a", rows)
-    with pytest.raises(ArchiveError, match=rf"row 2 \(id '{rows[1]['id']}'\), column 'target', file '{rows[3]['raw']}': target geometry mismatch"):
-        Archive(tmp_path / "a")
-
-
-def test_bad_split_value_is_named(tiny_archive, tmp_path):
-    rows = _copy_archive(tiny_archive, tmp_path / "a")
-    rows[0]["split"] = "training"
-    _write_manifest(tmp_path / "a", rows)
-    with pytest.raises(ArchiveError, match=r"row 1 \(id '.*'\), column 'split': bad split value 'training'"):
-        Archive(tmp_path / "a")
-
-
-def test_row_without_target_or_params_is_named(tiny_archive, tmp_path):
-    rows = _copy_archive(tiny_archive, tmp_path / "a")
-    rows[5]["params"] = ""
-    _write_manifest(tmp_path / "a", rows)
-    with pytest.raises(ArchiveError, match=rf"row 6 \(id '{rows[5]['id']}'\): neither target nor params"):
+    with pytest.raises(ArchiveError, match=message(rows)):
         Archive(tmp_path / "a")
 
 
