@@ -164,9 +164,17 @@ class SpooledDataSet(BytesIO):
             self._incoming = None
 
 
+def _discard(data_set) -> None:
+    if isinstance(data_set, SpooledDataSet):
+        data_set.discard()  # nothing once kept
+
+
 def spool_data_sets(assoc, spool: Spool) -> None:
-    """Each DIMSE message the association receives decodes its data set into a SpooledDataSet;
-    when its DUL thread ends, a message still incomplete (an abort mid-store) is discarded."""
+    """Each DIMSE message the association receives decodes its data set into a SpooledDataSet.
+    A file is discarded unless the handler kept it: after pynetdicom served its message (the
+    handler may never have run: an unknown SOP class, an invalid request), when the association
+    ends with messages still queued (a peer that sent several stores, then released or aborted),
+    and when the DUL thread ends mid-message (an abort mid-store)."""
     dimse, dul = assoc.dimse, assoc.dul
     receive = dimse.receive_primitive
 
@@ -176,15 +184,34 @@ def spool_data_sets(assoc, spool: Spool) -> None:
             dimse.message.data_set = SpooledDataSet(spool, dimse.message, assoc)
         receive(primitive)
     dimse.receive_primitive = receive_primitive
-    run = dul.run
+    serve = assoc._serve_request
+
+    def serve_request(msg, context_id) -> None:
+        try:
+            serve(msg, context_id)
+        finally:
+            _discard(getattr(msg, "DataSet", None))
+    assoc._serve_request = serve_request
+    run_association, run_dul = assoc.run, dul.run
+
+    def run_then_discard_what_was_not_served() -> None:
+        try:
+            run_association()
+        finally:  # its loop ends after kill(): the DUL has stopped, nothing more is queued
+            while True:
+                try:
+                    _, msg = dimse.msg_queue.get_nowait()
+                except queue.Empty:
+                    break
+                _discard(getattr(msg, "DataSet", None))
+    assoc.run = run_then_discard_what_was_not_served  # the association thread starts after EVT_CONN_OPEN
 
     def run_then_discard_an_incomplete_message() -> None:
         try:
-            run()
+            run_dul()
         finally:
-            unfinished = dimse.message
-            if unfinished is not None and isinstance(unfinished.data_set, SpooledDataSet):
-                unfinished.data_set.discard()
+            if dimse.message is not None:
+                _discard(dimse.message.data_set)
     dul.run = run_then_discard_an_incomplete_message
 
 
@@ -300,7 +327,9 @@ def wait_for_messages(assoc) -> None:
     or an A-ABORT: a C-STORE whose last byte arrived waits up to 1 ms before its handler runs,
     and an idle association wakes 1,000 times a second. Here its non-blocking look waits, while
     both queues are empty, until one of their puts rings, and at most PduSocket.LONGEST_WAIT
-    (its other checks: a stop, the DUL thread's end, the idle timer)."""
+    (its other checks: a stop, the DUL thread's end, the idle timer). The loop's own 1 ms sleep
+    stays, after each turn: a message that arrives while the loop waits on the bell (the usual
+    case: an image takes longer than 1 ms to arrive) is served at once."""
     dimse, dul = assoc.dimse, assoc.dul
     bell = threading.Event()
     for messages in (dimse.msg_queue, dul.to_user_queue):

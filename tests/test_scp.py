@@ -334,3 +334,78 @@ def test_a_store_cut_off_mid_data_set_leaves_no_partial_file_and_no_open_descrip
 
     assert list(spool.incoming.iterdir()) == []
     assert open_fds() <= baseline + 2
+
+
+def _encoded(ds) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def _store_request(encoded: bytes, uid: str, message_id: int, sop_class_uid: str):
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    request = C_STORE()
+    request.MessageID, request.Priority = message_id, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class_uid, uid
+    request.DataSet = BytesIO(encoded)
+    return request
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ending", ["abort", "release"])
+def test_stores_a_peer_queued_but_the_node_never_served_leave_no_partial_file_or_descriptor(scp_server, ending):
+    """A peer sends four C-STOREs without waiting for the answers, then ends the association:
+    pynetdicom serves one message per turn and stops at the A-ABORT or A-RELEASE. The files of the
+    stores it never served (never acknowledged) are closed and removed."""
+    import os
+
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    from support.helpers import phantom_dataset
+
+    port, spool = scp_server
+    encoded = _encoded(phantom_dataset(rows=512, cols=512, bits=12, seed=1))
+    assoc = _requestor(port)
+    assoc.release()
+    _wait_for_no_associations(port)
+    baseline = len(os.listdir("/proc/self/fd"))
+
+    assoc = _requestor(port)
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                      if cx.abstract_syntax == ComputedRadiographyImageStorage)
+    for i in range(4):
+        assoc.dimse.send_msg(_store_request(encoded, f"1.2.3.5{i}", i + 1, ComputedRadiographyImageStorage), context_id)
+    assoc.abort() if ending == "abort" else assoc.release()
+    _wait_for_no_associations(port)
+
+    assert not list(spool.incoming.glob(".partial-*"))
+    assert len(spool.received_files()) < 4  # some were never served: the case under test
+    assert len(os.listdir("/proc/self/fd")) <= baseline + 2
+
+
+@pytest.mark.timeout(60)
+def test_a_store_the_handler_never_sees_leaves_no_partial_file(scp_server):
+    """A C-STORE on an accepted CR context whose Affected SOP Class is no storage class:
+    pynetdicom aborts without calling our handler; its file goes."""
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    from support.helpers import phantom_dataset
+
+    port, spool = scp_server
+    assoc = _requestor(port)
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                      if cx.abstract_syntax == ComputedRadiographyImageStorage)
+    encoded = _encoded(phantom_dataset(rows=256, cols=256, bits=12, seed=3))
+    assoc.dimse.send_msg(_store_request(encoded, "1.2.3.61", 1, "1.2.3.4.5.6"), context_id)
+    _wait_for_no_associations(port)
+    if assoc.is_established:
+        assoc.abort()
+
+    assert list(spool.incoming.iterdir()) == []
