@@ -75,6 +75,26 @@ def test_the_file_meta_is_encoded_as_pynetdicom_encodes_it(sop_instance_uid):
             assert file_meta_bytes(sop_class_uid, sop_instance_uid, syntax) == expected, (sop_class_uid, syntax)
 
 
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", None])
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC000, 0xB007])
+def test_a_store_response_is_encoded_as_pynetdicom_encodes_it(sop_instance_uid, status):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.scp import store_response_command
+
+    for sop_class_uid in ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.12.1", None):  # even, odd, none
+        for message_id in (1, 65535):
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo, response.Status = message_id, status
+            response.AffectedSOPClassUID, response.AffectedSOPInstanceUID = sop_class_uid, sop_instance_uid
+            message = C_STORE_RSP()
+            message.primitive_to_message(response)
+            [pdata] = message.encode_msg(1, 16384)
+            [(context_id, pdv)] = pdata.presentation_data_value_list
+            assert pdv == b"\x03" + store_response_command(message_id, sop_class_uid, sop_instance_uid, status)
+
+
 def dataset_bytes(path) -> bytes:
     """What follows the File Meta Information (PS3.10 7.1: preamble, DICM, then the group whose
     first element, (0002,0000) UL, gives its length)."""
