@@ -1,9 +1,11 @@
 """The Storage SCP: C-ECHO and C-STORE into the durable spool.
 
 Shaped like pynetdicom's storescp: build the AE, add the contexts, bind small handlers.
-A C-STORE handler does one thing - write the encoded dataset as received into the spool
-and record its job - and returns a status code; it never decodes pixels, never touches
-the model (this module must not import torch) and never raises into the association.
+A C-STORE handler does one thing - make the encoded dataset as received durable in the spool
+(written there as it arrived, SpooledDataSet) and record its job - and returns a status code;
+it never decodes pixels, never touches the model (this module must not import torch) and never
+raises into the association. Each association is adopted when its connection opens (its
+socket, its two threads' waits, its data sets, its store responses): see _on_connection_open.
 """
 from __future__ import annotations
 
