@@ -18,8 +18,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from io import BytesIO
+from pathlib import Path
 
 import structlog
 from pydicom.uid import (
@@ -40,7 +40,7 @@ from dicom_node import audit
 from dicom_node.config import NodeSettings
 from dicom_node.jobs import JobQueue
 from dicom_node.monitor import STORE_SECONDS
-from dicom_node.spool import IncomingFile, Spool
+from dicom_node.spool import AtomicFile, Spool
 
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU debug handlers: they cost throughput
 
@@ -166,7 +166,7 @@ class SpooledDataSet(BytesIO):
     def __init__(self, spool: Spool, message: DIMSEMessage, assoc):
         super().__init__()
         self._spool, self._message, self._assoc = spool, message, assoc
-        self._incoming: IncomingFile | None = None
+        self._incoming: AtomicFile | None = None
         self._spooled: bool | None = None  # None until the first fragment says what it is
         self.error: Exception | None = None
 
@@ -206,7 +206,7 @@ class SpooledDataSet(BytesIO):
         raises the write error, if there was one."""
         if self.error is not None:
             raise self.error
-        return self._incoming.keep(sop_instance_uid)
+        return self._incoming.keep(self._spool.received_path(sop_instance_uid))
 
     def discard(self) -> None:
         if self._incoming is not None:
@@ -448,12 +448,12 @@ class StoreHandler:
                     self.queue.sync()
             except (OSError, sqlite3.Error) as exc:
                 log.error("not stored, answered out of resources", error=repr(exc))
-                self._discard_uncommitted(path, job_id, stream)
+                self._discard_uncommitted(path, job_id)
                 self._audit(event, sop_uid, association, job_id, f"refused 0xA700: {exc}")
                 return OUT_OF_RESOURCES
             except Exception as exc:  # never raise into the association
                 log.exception("not stored, answered cannot understand", error=repr(exc))
-                self._discard_uncommitted(path, job_id, stream)
+                self._discard_uncommitted(path, job_id)
                 self._audit(event, sop_uid, association, job_id, f"refused 0xC000: {exc}")
                 return CANNOT_UNDERSTAND
             if superseded:
@@ -474,11 +474,9 @@ class StoreHandler:
         except Exception:  # the audit file must never fail a store
             log.exception("audit line not written")
 
-    def _discard_uncommitted(self, path, job_id, stream) -> None:
+    def _discard_uncommitted(self, path, job_id) -> None:
         """A file whose job is committed stays: the worker delivers it even if we said failure.
-        One still being written goes."""
-        if isinstance(stream, SpooledDataSet):
-            stream.discard()  # nothing once kept
+        (One still being written goes once the message is served: spool_data_sets.)"""
         if job_id is None:
             self._discard(path)
 

@@ -65,80 +65,35 @@ class PieceWriter:
         return getattr(self._file, name)
 
 
-def write_file(target: str | Path, content: bytes | Callable[[BinaryIO], None], mode: str = "wb",
-               fsync: bool = False) -> None:
+def _write(file: BinaryIO, content: bytes | Callable[[BinaryIO], None]) -> None:
+    """`content` (bytes, or a function writing to a binary file) into `file`, in pieces."""
+    pieces = PieceWriter(file)
+    content(pieces) if callable(content) else pieces.write(content)
+
+
+def write_file(target: str | Path, content: bytes | Callable[[BinaryIO], None]) -> None:
     """Write `content` (bytes, or a function writing to a binary file) to `target` in pieces of
     at most WRITE_PIECE bytes; in place, not atomic (that is write_atomic)."""
-    with open(target, mode) as f:
-        pieces = PieceWriter(f)
-        content(pieces) if callable(content) else pieces.write(content)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    with open(target, "wb") as f:
+        _write(f, content)
 
 
-def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
-                 sync_dir: bool = True) -> Path:
-    """Write `content` (bytes, or a function writing to a binary file) to `target` durably.
-
-    The temporary file is made in the target's folder so the rename never crosses a file
-    system. On any error the temporary file is removed and the error propagates. With
-    `sync_dir=False` the caller must fsync the folder itself before relying on the file.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
-    try:
-        write_file(tmp, content, mode="xb", fsync=True)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(target.parent)
-    return target
+def _partial(folder: Path, name: str) -> Path:
+    """A temporary name in `folder` (removed at start if a crash leaves it: Spool.remove_partials)."""
+    return folder / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{name}"
 
 
-def place_copy(source: Path, target: Path, link: bool = True) -> Path:
-    """`target` gets `source`'s content atomically (a reader sees nothing or the whole file); the
-    caller fsyncs the target's folder. With `link`, as a hard link where one can be made (both on
-    one file system): no copy, and the content is durable already. Only for files never written
-    again once they landed (the spool's received and derived files: a job only unlinks them), so
-    the two names stay the same bytes; the link keeps the spool file's owner and mode. Otherwise,
-    or where no link can be made (another file system, one without hard links), a copy made with
-    write_atomic(sync_dir=False)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{_TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
-    if link:
-        try:
-            os.link(source, tmp)
-        except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK ...: copy instead (a full disk fails there too)
-            link = False
-    if not link:
-        with open(source, "rb") as src:
-            return write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
-    try:
-        os.replace(tmp, target)  # over an older copy of the same instance
-    finally:
-        # also after a success: a rename onto a link to the same file does nothing (POSIX),
-        # which leaves tmp (a delivery of the same spool file again)
-        tmp.unlink(missing_ok=True)
-    return target
+class AtomicFile:
+    """A file on its way to its final name in `folder`: a temporary file there until `keep`
+    makes it durable under that name (flush, fsync, rename; the folder's fsync is the caller's);
+    `discard` removes it. The rename never crosses a file system."""
 
-
-class IncomingFile:
-    """One received instance on its way into incoming/: a temporary file (`file`: written in
-    pieces) until `keep` makes it durable under its final name, unique per receipt (flush, fsync,
-    rename; the folder's fsync is the caller's, Spool.sync_incoming); `discard` removes it. A
-    crash in between leaves a partial file, removed at the next start."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(6)}.dcm"
+    def __init__(self, folder: Path, name: str = ""):
+        self._tmp = _partial(folder, name)
         self._raw = open(self._tmp, "xb")
         self.file = PieceWriter(self._raw)
 
-    def keep(self, sop_instance_uid: str) -> Path:
-        target = self.folder / f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
+    def keep(self, target: Path) -> Path:
         try:
             self._raw.flush()
             os.fsync(self._raw.fileno())
@@ -157,6 +112,52 @@ class IncomingFile:
             pass
         finally:
             self._tmp.unlink(missing_ok=True)
+
+
+def write_atomic(target: Path, content: bytes | Callable[[BinaryIO], None],
+                 sync_dir: bool = True) -> Path:
+    """Write `content` (bytes, or a function writing to a binary file) to `target` durably
+    (AtomicFile). On any error the temporary file is removed and the error propagates. With
+    `sync_dir=False` the caller must fsync the folder itself before relying on the file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic = AtomicFile(target.parent, target.name)
+    try:
+        _write(atomic.file, content)
+    except BaseException:
+        atomic.discard()
+        raise
+    atomic.keep(target)
+    if sync_dir:
+        fsync_dir(target.parent)
+    return target
+
+
+def place_copy(source: Path, target: Path, link: bool = True) -> Path:
+    """`target` gets `source`'s content atomically (a reader sees nothing or the whole file); the
+    caller fsyncs the target's folder. With `link`, as a hard link where one can be made (both on
+    one file system): no copy, and the content is durable already. Only for files never written
+    again once they landed (the spool's received and derived files: a job only unlinks them), so
+    the two names stay the same bytes; the link keeps the spool file's owner and mode. Otherwise,
+    or where no link can be made (another file system, one without hard links), a copy made with
+    write_atomic(sync_dir=False)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial(target.parent, target.name)
+    if link:
+        try:
+            os.link(source, tmp)
+        except OSError:  # EXDEV, EPERM, ENOTSUP, EMLINK ...: copy instead (a full disk fails there too)
+            link = False
+    if not link:
+        with open(source, "rb") as src:
+            return write_atomic(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), sync_dir=False)
+    try:
+        os.replace(tmp, target)  # over an older copy of the same instance
+    finally:
+        # also after a success: a rename onto a link to the same file does nothing (POSIX),
+        # which leaves tmp (a delivery of the same spool file again)
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def safe_name(value: object, fallback: str = "UNKNOWN") -> str:
@@ -214,20 +215,16 @@ class Spool:
         The SCP passes sync_dir=False and calls `sync_incoming` after committing the job:
         the same guarantees before it answers, one journal commit fewer on ext4.
         """
-        incoming = self.open_received()
-        try:
-            data(incoming.file) if callable(data) else incoming.file.write(data)
-        except BaseException:
-            incoming.discard()
-            raise
-        path = incoming.keep(sop_instance_uid)
-        if sync_dir:
-            self.sync_incoming()
-        return path
+        return write_atomic(self.received_path(sop_instance_uid), data, sync_dir=sync_dir)
 
-    def open_received(self) -> IncomingFile:
-        """A temporary file in incoming/ for an instance whose bytes are still arriving."""
-        return IncomingFile(self.incoming)
+    def received_path(self, sop_instance_uid: str) -> Path:
+        """Where a received instance is kept: a new name for every receipt."""
+        return self.incoming / f"{safe_name(sop_instance_uid)}.{secrets.token_hex(4)}.dcm"
+
+    def open_received(self) -> AtomicFile:
+        """A temporary file in incoming/ for an instance whose bytes are still arriving; kept at
+        `received_path`."""
+        return AtomicFile(self.incoming, "received.dcm")
 
     def sync_incoming(self) -> None:
         fsync_dir(self.incoming)
