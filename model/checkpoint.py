@@ -20,6 +20,8 @@ from model.net import ModelBuilder, ModelConfig, build_model
 
 FORMAT = "dicom-node-checkpoint"
 FORMAT_VERSION = 1
+# What a checkpoint written before a ModelConfig field existed meant by it: its pixels must not change.
+LEGACY_CONFIG = {"correction_bounds": (0.5, 0.7, 0.3, 0.5, 0.5)}
 
 
 class CheckpointError(Exception):
@@ -39,8 +41,9 @@ class Checkpoint:
         return f"{self.config.arch}-ds{self.config.downsample}-{self.identity[:12]}"
 
 
-def model_identity(config: ModelConfig, state_dict: dict) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+def model_identity(config: ModelConfig | dict, state_dict: dict) -> str:
+    """Content hash of the config (every field, the prior's parameters included) and weights."""
+    digest = hashlib.sha256(json.dumps(config if isinstance(config, dict) else asdict(config), sort_keys=True).encode())
     for key in sorted(state_dict):
         digest.update(key.encode())
         digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
@@ -89,12 +92,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
             f"model weights {path}: format version {payload.get('format_version')!r}, this program reads {FORMAT_VERSION}"
         )
     try:
-        config = ModelConfig(**payload["config"])
+        stored = payload["config"]
+        config = ModelConfig(**{**LEGACY_CONFIG, **stored})
         model = build_model(config, baselines)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"model weights {path}: does not match its architecture ({exc})") from None
     identity = model_identity(config, payload["state_dict"])
+    if identity != payload.get("identity") and model_identity(stored, payload["state_dict"]) == payload.get("identity"):
+        identity = payload["identity"]  # written before some field existed: the identity it was made with
     if identity != payload.get("identity"):
         raise CheckpointError(f"model weights {path}: content hash mismatch, the file is corrupt")
     model.eval()

@@ -32,10 +32,11 @@ from model.config import ARCHITECTURES, ModelConfig
 MAP_NAMES = ("a", "b", "wc", "ww")
 A_REF = 0.5  # a at s = 0 maps the image's robust spread onto half the output range
 LOWPASS_WORK = 64  # px, longer side of the copy the tissue parameterisation's L is computed on
-# The prior parameterisation's bounds on each learned correction (InterpretableResUNet.corrected_teacher):
-# a and kappa within a factor exp(0.5) and exp(0.7) of the teacher's, the level within 0.3 of the
-# body's spread, wc within half the teacher's window width, ww within a factor exp(0.5).
-PRIOR_BOUNDS = {"a": 0.5, "kappa": 0.7, "level": 0.3, "wc": 0.5, "ww": 0.5}
+# The prior parameterisation's learned corrections (InterpretableResUNet.corrected_teacher), in the
+# order of ModelConfig.correction_bounds: a and kappa within a factor exp(Ba), exp(Bk) of the
+# prior's, the level within Bl of the body's spread, wc within Bc of the prior's window width, ww
+# within a factor exp(Bw).
+CORRECTIONS = ("a", "kappa", "level", "wc", "ww")
 
 
 def conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -82,11 +83,6 @@ def body_masks(x: torch.Tensor, downsample: int) -> torch.Tensor:
 
     found = [torch.from_numpy(find_anatomy_mask(img[0].detach().float().cpu().numpy(), downsample)) for img in x]
     return torch.stack(found)[:, None].to(device=x.device, dtype=x.dtype)
-
-
-def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-image weighted mean of (N, h, w) values: (N, 1, 1)."""
-    return ((values * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1e-6))[:, None, None]
 
 
 class InterpretableResUNet(nn.Module):
@@ -225,47 +221,33 @@ class InterpretableResUNet(nn.Module):
 
 
     def corrected_teacher(self, raw: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
-        """The prior parameterisation: the teacher's maps computed on the input itself (its
-        anatomy mask, low-pass, gain, compression and percentile window; model.teacher), each
-        moved by a bounded learned correction (PRIOR_BOUNDS). A raw output of zero is the
-        teacher, so an image unlike any seen in training degrades towards the teacher instead
-        of anywhere the network's extrapolation leads.
+        """The prior parameterisation: the classical prior's maps (model.teacher.prior_maps, with
+        the config's calibrated parameters) computed on the input itself, each moved by a
+        bounded learned correction (config.correction_bounds). A raw output of zero is the prior, so an
+        image unlike any seen in training degrades towards it instead of anywhere the network's
+        extrapolation leads.
 
             a     = g exp(Ba tanh s)                      detail gain
             kappa = (1 - k) exp(Bk tanh r)                low-pass compression
             level = mean_body(L) + Bl spread tanh t        level of the body
-            b     = level + (kappa - a) L - kappa mean_body(L)
             wc    = wc_p + Bc ww_p tanh c,   ww = ww_p exp(Bw tanh w)
-        where each tanh is blurred by the teacher's Gaussian (sigma 6 % of the image), L = G*(x m)
-        / G*(m) with m the body mask, and wc_p, ww_p the teacher's window: the 1st/99th
-        percentiles of the corrected y over the body's interior."""
-        from model.teacher import TeacherParams, anatomy_window, masked_lowpass
+        where each tanh is blurred by a Gaussian of sigma config.correction_sigma, and wc_p, ww_p
+        the prior's window: its percentiles of the corrected y over the body's interior."""
+        from model.teacher import masked_lowpass, prior_maps
 
-        teacher = TeacherParams()
-        # The corrections are as smooth as the teacher's low-pass: what they are for (a smooth
-        # gain/offset field of the acquisition, a regional level) is smooth, and a correction
-        # with pixel detail would only add noise to the teacher's already exact detail.
+        prior = self.config.prior
+        # The corrections are smooth: what they are for (a smooth gain/offset field of the
+        # acquisition, a regional level, a site's local contrast) is smooth, and a correction
+        # with pixel detail would only add noise to the prior's exact detail.
         n, _, h, w = raw.shape
         bounded = torch.tanh(raw[:, :5]).reshape(n * 5, 1, h, w)
-        smooth = masked_lowpass(bounded, torch.ones_like(bounded), teacher.sigma, teacher.work_size).reshape(n, 5, h, w)
+        smooth = masked_lowpass(bounded, torch.ones_like(bounded), self.config.correction_sigma,
+                                prior.work_size).reshape(n, 5, h, w)
         self.correction_energy = (smooth ** 2).mean()  # for an optional penalty in training
-        gain, level_shift, centre, width, compression = smooth.unbind(dim=1)
-        bounds = PRIOR_BOUNDS
-        L = masked_lowpass(x, body, teacher.sigma, teacher.work_size)[:, 0]
-        inside = body[:, 0] > 0.5
-        mean_L = masked_mean(L, inside.to(x.dtype))
-        a = teacher.gain * torch.exp(bounds["a"] * gain)
-        kappa = (1 - teacher.compression) * torch.exp(bounds["kappa"] * compression)
-        level = mean_L + bounds["level"] * stats[:, 3, None, None] * level_shift
-        b = level + (kappa - a) * L - kappa * mean_L
-        y = torch.clamp(a * x[:, 0] + b, 0.0, 1.0)
         # the teacher judges its window at 1/window_downsample of the full image; this is 1/downsample
-        factor = max(1, teacher.window_downsample // self.config.downsample)
-        windows = [torch.stack(anatomy_window(y[i], inside[i], teacher, factor)) for i in range(x.shape[0])]
-        wc_p, ww_p = torch.stack(windows)[:, :, None, None].unbind(dim=1)
-        wc = torch.clamp(wc_p + bounds["wc"] * ww_p * centre, 0.0, 1.0)
-        ww = torch.clamp(ww_p * torch.exp(bounds["ww"] * width), min=self.config.min_ww)
-        return torch.stack([a, b, wc, ww], dim=1)
+        factor = max(1, prior.window_downsample // self.config.downsample)
+        bounds = dict(zip(CORRECTIONS, self.config.correction_bounds))
+        return prior_maps(x, body, prior, smooth, bounds, stats[:, 3], factor)
 
 
 def mirror_averaged(model: nn.Module, low: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,13 @@
     window from robust percentiles of y inside the anatomy:
       wc = (P_lo + P_hi) / 2,  ww = (P_hi - P_lo) / WW_SQUEEZE
 
+The family a site's archive is calibrated in (prior_maps; training/calibrate.py) adds a second
+detail band and a tone curve, both off at the defaults:
+    y = g (x - Lf) + gm (Lf - L) + (1 - k)(L - mean(L)) + mean(L)     Lf: a finer low-pass
+    y -> T(Y) + T'(Y) (y - Y),  T(u) = u^gamma,  Y = (1 - k)(L - mean(L)) + mean(L)
+the tone curve taken at the smooth level Y, so that a stays a per-pixel slope >= 0 and b an
+offset: the formula (model.remap) does not change.
+
 Parameters (TeacherParams, defaults in brackets):
   gain g [1.5]           detail (high-pass) gain: > 1 sharpens tissue detail.
   compression k [0.9]    dynamic-range compression of the low-pass: 0 keeps it, 1 flattens it.
@@ -20,6 +27,9 @@ Parameters (TeacherParams, defaults in brackets):
   work_size [256]        L is computed on a copy area-downsampled so its longer side is about
                          this many pixels, then upsampled bilinearly (the kernel is large, so
                          this changes L by far less than the 16-bit output step).
+  mid_gain [1.5]         gm, the gain of the band Lf - L (= gain: a single detail band).
+  fine_sigma [0.015]     sigma of Lf, as sigma.
+  gamma [1.0]            the tone curve's exponent (1: none).
   window_downsample [8]  L and the window are computed from the image area-downsampled by this
                          factor: the window is judged at the scale of anatomy, not of pixel
                          noise, and the network's prior, which sees the /8 image, computes the
@@ -40,23 +50,11 @@ import torch
 import torch.nn.functional as F
 
 from model.anatomy import find_anatomy_mask
+from model.config import TeacherParams  # noqa: F401  (its home is torch-free; re-exported here)
 from model.remap import downsample_image, percentile_window, regional_lut, remap, upsample_maps
 
 
 LOWPASS_EPS = 1e-3  # where the anatomy weight vanishes, L leans to the anatomy's mean
-
-
-@dataclass(frozen=True)
-class TeacherParams:
-    gain: float = 1.5
-    compression: float = 0.9
-    sigma: float = 0.06
-    p_lo: float = 1.0
-    p_hi: float = 99.0
-    ww_squeeze: float = 1.2
-    work_size: int = 256
-    min_ww: float = 0.02
-    window_downsample: int = 8
 
 
 @dataclass
@@ -121,25 +119,65 @@ def anatomy_window(y: torch.Tensor, inside: torch.Tensor, params: TeacherParams,
     return percentile_window(values, params.p_lo, params.p_hi, params.ww_squeeze, params.min_ww)
 
 
+def prior_maps(x: torch.Tensor, body: torch.Tensor, params: TeacherParams, corrections: torch.Tensor | None = None,
+               bounds: dict | None = None, spread: torch.Tensor | None = None, window_factor: int = 1) -> torch.Tensor:
+    """The classical prior's maps (N, 4, h, w) of images x (N, 1, h, w) with anatomy weights body
+    (N, 1, h, w): the module docstring's family with these parameters, optionally moved by
+    bounded corrections (N, 5, h, w) in [-1, 1] (gain, level, centre, width, compression; the
+    network's, model.net), each scaled by `bounds` and the level's by the body's spread (N,).
+    The one home of the teacher's arithmetic: the teacher, the network's prior and calibration
+    all call it."""
+    n, _, h, w = x.shape
+    c = corrections if corrections is not None else x.new_zeros(n, 5, h, w)
+    gain, level_shift, centre, width, compression = c.unbind(dim=1)
+    bounds = bounds or {}
+    L = masked_lowpass(x, body, params.sigma, params.work_size)[:, 0]
+    inside = body[:, 0] > 0.5
+    mean_L = masked_mean(L, inside.to(x.dtype))
+    a = params.gain * torch.exp(bounds.get("a", 0.0) * gain)
+    kappa = (1 - params.compression) * torch.exp(bounds.get("kappa", 0.0) * compression)
+    level = mean_L
+    if spread is not None:
+        level = level + bounds.get("level", 0.0) * spread[:, None, None] * level_shift
+    smooth = kappa * (L - mean_L) + level  # the low-pass part of y
+    b = smooth - a * L  # y = a (x - L) + smooth
+    if params.mid_gain != params.gain:  # y = a (x - Lf) + gm (Lf - L) + smooth
+        Lf = masked_lowpass(x, body, params.fine_sigma, params.work_size)[:, 0]
+        b = b + (params.mid_gain - a) * (Lf - L)
+    if params.gamma != 1.0:  # the tone curve, linearised at the smooth level (module docstring)
+        level_at = smooth.clamp(0.02, 1.0)
+        slope = params.gamma * level_at ** (params.gamma - 1)
+        a, b = slope * a, level_at ** params.gamma + slope * (b - level_at)
+    a = a.expand_as(L)
+    y = torch.clamp(a * x[:, 0] + b, 0.0, 1.0)
+    windows = [torch.stack(anatomy_window(y[i], inside[i], params, window_factor)) for i in range(n)]
+    wc_p, ww_p = torch.stack(windows)[:, :, None, None].unbind(dim=1)
+    wc = torch.clamp(wc_p + bounds.get("wc", 0.0) * ww_p * centre, 0.0, 1.0)
+    ww = torch.clamp(ww_p * torch.exp(bounds.get("ww", 0.0) * width), min=params.min_ww)
+    return torch.stack([a, b, wc.expand_as(L), ww.expand_as(L)], dim=1)
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-image weighted mean of (N, h, w) values: (N, 1, 1)."""
+    return ((values * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp_min(1e-6))[:, None, None]
+
+
 def teacher(x: np.ndarray, mask: np.ndarray, params: TeacherParams = TeacherParams()) -> TeacherMaps:
-    """Full-resolution a, b and the global window (wc, ww) for image x with anatomy `mask`."""
+    """Full-resolution a, b and the global window (wc, ww) for image x with anatomy `mask`: the
+    prior's maps of the image at 1/window_downsample (as the network's prior computes them from
+    its /8 input) brought to full resolution, and the window of the full-resolution y."""
     x = np.asarray(x, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         mask = np.ones_like(mask)
     xt = torch.from_numpy(np.ascontiguousarray(x))
     mt = torch.from_numpy(np.ascontiguousarray(mask))
-    # L from the image at 1/8, as the network's prior computes it from its /8 input
     factor = params.window_downsample
-    low = masked_lowpass(downsample_image(xt, factor), downsample_image(mt.float(), factor), params.sigma, params.work_size)
-    L = upsample_maps(low, tuple(x.shape), factor)[0, 0]
-    mean_L = L[mt].mean()
-    g, k = params.gain, params.compression
-    a = torch.full_like(xt, g)
-    b = (1.0 - g) * L - k * (L - mean_L)
+    low = prior_maps(downsample_image(xt, factor), downsample_image(mt.float(), factor), params)
+    a, b = upsample_maps(low[:, :2], tuple(x.shape), factor)[0]
     y = regional_lut(xt, a, b)  # the one formula
     wc, ww = anatomy_window(y, mt, params, params.window_downsample)
-    return TeacherMaps(a=a.numpy(), b=b.numpy(), wc=float(wc), ww=float(ww))
+    return TeacherMaps(a=a.contiguous().numpy(), b=b.contiguous().numpy(), wc=float(wc), ww=float(ww))
 
 
 def teacher_on_input(x: np.ndarray, params: TeacherParams = TeacherParams()) -> TeacherMaps:

@@ -179,7 +179,6 @@ def test_the_untrained_prior_model_is_the_teacher_on_its_input(name):
 
 
 def test_prior_corrections_are_bounded_whatever_the_network_says():
-    from model.net import PRIOR_BOUNDS
     from model.teacher import TeacherParams
 
     torch.manual_seed(0)
@@ -189,7 +188,8 @@ def test_prior_corrections_are_bounded_whatever_the_network_says():
         x = downsample_image(torch.rand(1, 1, 800, 640) * 0.5 + 0.25, 8)
         a, b, wc, ww = model(x)[0]
     g = TeacherParams().gain
-    assert torch.all(a <= g * torch.exp(torch.tensor(PRIOR_BOUNDS["a"])) + 1e-5)
+    bound_a = ModelConfig().correction_bounds[0]
+    assert torch.all(a <= g * torch.exp(torch.tensor(bound_a)) + 1e-5)
     assert torch.all((wc >= 0) & (wc <= 1)) and torch.isfinite(b).all() and torch.all(ww > 0)
 
 

@@ -258,6 +258,7 @@ class ArchiveItem:
     x_path: Path
     z_path: Path
     low_path: Path
+    exact: bool = False  # its maps are the row's params (ground truth), not fitted to a target
 
     @property
     def x(self) -> np.ndarray:
@@ -314,7 +315,7 @@ class Archive:
             tmp = low_path.with_name(f"{low_path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, x=low_x.astype(np.float32), maps=low_maps.astype(np.float32))
             tmp.replace(low_path)
-        item = ArchiveItem(row.id, row.split, row.group, x_path, z_path, low_path)
+        item = ArchiveItem(row.id, row.split, row.group, x_path, z_path, low_path, exact=bool(row.params))
         self._items[row.id] = item
         return item
 

@@ -31,6 +31,9 @@ class ProgressLine:
             click.echo("", err=True)
 
 
+STYLE_NAMES = ("teacher", "soft", "contrast", "detail", "vendor")  # training.styles.STYLES, without importing it
+
+
 @click.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(), help="Archive folder (or .zip path) to write.")
 @click.option("--n", "n", default=40, show_default=True, type=click.IntRange(1), help="Number of phantom anatomies.")
@@ -45,8 +48,13 @@ class ProgressLine:
               help="fixed: RG1 in train and RG3 in test; train: every real radiograph in train (hold one out in `train` instead).")
 @click.option("--only-split", "only", multiple=True, type=click.Choice(["train", "val", "test"]),
               help="Write only the rows of this split (repeatable); they are identical to the full archive's.")
-def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_split, only):
-    """Write a synthetic annotated archive (phantoms + real radiographs, exact ground truth)."""
+@click.option("--style", default="teacher", show_default=True, type=click.Choice(list(STYLE_NAMES)),
+              help="House style of the targets (docs/training.md): teacher, soft, contrast, detail, vendor.")
+@click.option("--exact-params/--target-only", "exact_params", default=None,
+              help="Params rows where the style has exact maps, or presentations only "
+                   "[default: params for the teacher's style, target-only for the others].")
+def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_split, only, style, exact_params):
+    """Write a synthetic annotated archive (phantoms + real radiographs, in a house style)."""
     from training.synth import synthesise
 
     count = [0]
@@ -57,7 +65,7 @@ def synth_command(out, n, seed, perturbations, make_zip, max_size, real, real_sp
         line(rid)
 
     path = synthesise(out, n, seed, perturbations, max_size=max_size, real=real, make_zip=make_zip, progress=progress,
-                      only=tuple(only) or None, real_split=real_split)
+                      only=tuple(only) or None, real_split=real_split, style=style, exact_params=exact_params)
     line.end()
     click.echo(f"wrote {count[0]} acquisitions to {path}")
 

@@ -52,4 +52,8 @@ class TrainConfig:
     cache: str = setting("", "Cache folder for decoded inputs (default: beside the archive).")
     resume: str = ""  # `dicom-node train --resume W`: continue the run whose best checkpoint is W
     stop_after_epochs: int = 0  # stop (as if interrupted) once this many epochs are done; 0 = never
+    calibrate: bool = setting(True, "Do not calibrate the prior's parameters to the training split first "
+                              "(training/calibrate.py).", flag="--no-calibrate")
+    calibration_images: int = setting(16, "Training images the prior is calibrated on.", min=1)
+    calibration_evaluations: int = 500  # Nelder–Mead's budget
     progress: bool = setting(True, "No progress bar (per-epoch lines only).", flag="--no-progress")

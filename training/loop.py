@@ -64,7 +64,9 @@ def sample_loss(model, s, cfg: TrainConfig, device, net=None) -> tuple[torch.Ten
         image = 0.5 * (image + weighted_mse(zp, s.pts_z.to(device), s.pts_weight, device))
     gt = s.maps.to(device)
     maps = [F.mse_loss(pred[0, i], gt[i]) for i in range(4)]
-    total = cfg.image_weight * robust(image, cfg.robust_scale) + sum(w * m for w, m in zip(cfg.map_weights, maps))
+    total = cfg.image_weight * robust(image, cfg.robust_scale)
+    if s.exact:  # maps fitted to a target-only row are no ground truth: what is displayed is
+        total = total + sum(w * m for w, m in zip(cfg.map_weights, maps))
     if cfg.correction_weight and hasattr(model, "correction_energy"):  # stay the teacher unless it pays
         total = total + cfg.correction_weight * model.correction_energy
     return total, {"image": image.item(), "a": maps[0].item(), "b": maps[1].item(), "wc": maps[2].item(), "ww": maps[3].item()}
@@ -133,7 +135,7 @@ def validate(model, items, cfg: TrainConfig, device, rank: int, world: int) -> d
         image = F.mse_loss(z, torch.from_numpy(np.asarray(item.z, dtype=np.float32)).to(device))
         loss = cfg.image_weight * robust(image, cfg.robust_scale).item()
         image = image.item()
-        if has_maps:
+        if has_maps and getattr(item, "exact", True):  # map terms only where the maps are ground truth
             gt = torch.from_numpy(maps_gt).to(device)
             maps = [F.mse_loss(pred[0, k], gt[k]).item() for k in range(4)]
             loss += sum(w * m for w, m in zip(cfg.map_weights, maps))
@@ -165,7 +167,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig, 
     With --max-minutes the decay follows whichever is further along, the steps or the wall time
     (time_fraction(): the share of it used), so a run on a busy machine still anneals before its
     time is up."""
-    warmup = min(cfg.warmup_steps, total // 10)
+    warmup = warmup_steps(total, cfg)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -176,6 +178,11 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig, 
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", cfg.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
+
+
+def warmup_steps(total: int, cfg: TrainConfig) -> int:
+    """The learning rate's linear warm-up: cfg.warmup_steps, at most a tenth of the run."""
+    return min(cfg.warmup_steps, total // 10)
 
 
 @dataclass
@@ -195,6 +202,7 @@ class Run:
     state: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1,
                                                  "bad_epochs": 0, "elapsed": 0.0, "history": []})
     started: float = 0.0  # wall clock at the start, less the time already spent before a resume
+    warmup_steps: int = 0
 
     @property
     def main(self) -> bool:
@@ -217,8 +225,12 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
     """The recipe: the processes, the data, the model (or the run to resume), the start as a
     candidate, then epochs of Eqn 1 steps, each validated and checkpointed, until the epochs,
     the patience or the time run out. Returns the run's state."""
+    t0 = time.time()
     run = start_processes(cfg, command)
     train_items, val_items = load_splits(run)
+    if starts_at_teacher(cfg) and cfg.calibrate and not cfg.resume:
+        calibrate_the_prior(run, train_items, val_items)
+        run.state["elapsed"] = time.time() - t0  # calibration counts against --max-minutes
     build_or_resume(run, train_items)
     if starts_at_teacher(cfg) and run.state["epoch"] == 0 and run.state["best_epoch"] < 0:
         validate_the_start(run, val_items)
@@ -234,8 +246,12 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         record_epoch(run, train_sums, val, lr, epoch_seconds)
         if stops_after_this_epoch(run):
             break
-    run.log(f"done: best val loss {run.state['best']:.3e} at epoch {run.state['best_epoch']}, "
-            f"{run.state['elapsed'] / 60:.1f} min; best -> {run.out}")
+    if run.state["best_epoch"] == 0 and starts_at_teacher(cfg):
+        run.log(f"done: kept the start, the {'calibrated ' if cfg.calibrate else ''}prior with no correction: no epoch "
+                f"beat its val loss {run.state['best']:.3e}; {run.state['elapsed'] / 60:.1f} min; -> {run.out}")
+    else:
+        run.log(f"done: best val loss {run.state['best']:.3e} at epoch {run.state['best_epoch']}, "
+                f"{run.state['elapsed'] / 60:.1f} min; best -> {run.out}")
     if run.world > 1:
         torch.distributed.barrier()
     return run.state
@@ -284,11 +300,14 @@ def build_or_resume(run: Run, train_items: list) -> None:
     DDP wrapper, which broadcasts rank 0's weights and averages each step's gradients."""
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, BASELINES).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    if cfg.resume:
+    ckpt = None
+    if cfg.resume:  # its config holds the prior the run calibrated
         resume = Path(cfg.resume)
         ckpt = load_checkpoint(resume.with_name(resume.name + ".last"), "cpu", BASELINES)
+        cfg.model = ckpt.config
+    model = build_model(cfg.model, BASELINES).to(run.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if ckpt is not None:
         model.load_state_dict(ckpt.model.state_dict())
         saved = torch.load(resume.with_name(resume.name + ".train-state"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
@@ -304,6 +323,31 @@ def build_or_resume(run: Run, train_items: list) -> None:
     run.started = time.time() - run.state["elapsed"]
     total_steps = math.ceil(len(epoch_order(train_items, cfg, 0)) / cfg.batch) * cfg.epochs
     run.schedule = lr_schedule(optimizer, total_steps, cfg, run.state["step"], run.time_fraction)
+    run.warmup_steps = warmup_steps(total_steps, cfg)
+
+
+def calibrate_the_prior(run: Run, train_items: list, val_items: list) -> None:
+    """Fit the prior's global parameters to the training split (training.calibrate), then keep
+    whichever prior, the calibrated or the one the config started with, the validation split
+    prefers; the run's model config (and so its checkpoint, identity and derived UIDs) holds it.
+    Every process computes the same deterministic fit."""
+    from dataclasses import replace
+
+    from training.calibrate import calibrate
+
+    cfg = run.cfg
+    fitted = calibrate(train_items, cfg.model.downsample, cfg.model.prior, cfg.calibration_images,
+                       cfg.calibration_evaluations, cfg.seed)
+    run.log(fitted.describe())
+    scores = {}
+    for name, prior in (("start", cfg.model.prior), ("calibrated", fitted.params)):
+        model = build_model(replace(cfg.model, prior=prior), BASELINES).to(run.device).eval()
+        scores[name] = validate(model, val_items, cfg, run.device, run.rank, run.world)
+    keep = "calibrated" if scores["calibrated"]["loss"] <= scores["start"]["loss"] else "start"
+    run.log(f"prior on the val split: start {scores['start']['psnr']:.2f} dB, calibrated "
+            f"{scores['calibrated']['psnr']:.2f} dB; training from the {keep} prior")
+    if keep == "calibrated":
+        cfg.model = replace(cfg.model, prior=fitted.params)
 
 
 def starts_at_teacher(cfg: TrainConfig) -> bool:
@@ -385,7 +429,7 @@ def record_epoch(run: Run, sums: dict, val: dict, lr: float, seconds: float) -> 
     improved = val["loss"] < state["best"]
     if improved:
         state["best"], state["best_epoch"], state["bad_epochs"] = val["loss"], state["epoch"], 0
-    else:
+    elif state["step"] > run.warmup_steps:  # an epoch still warming up its learning rate is no trial
         state["bad_epochs"] += 1
     run.log(f"epoch {state['epoch']:3d}  train img {record['train_image_mse']:.2e} a {record['train_a_mse']:.2e} "
             f"b {record['train_b_mse']:.2e} wc {record['train_wc_mse']:.2e} ww {record['train_ww_mse']:.2e}  "

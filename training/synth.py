@@ -11,7 +11,13 @@ For each anatomy (a Beer–Lambert phantom, plus the real radiographs of `pydico
      a' = a / alpha, b' = b - a beta / alpha in a params .npz;
   3. all acquisitions of one anatomy share a `group` and a split (no leakage).
 
-Layout:  manifest.csv (id, raw, target, params, split, group), raw/<id>.dcm, params/<id>.npz.
+With --style (training.styles) the targets are another house style of the clean image: a style
+in the prior's family keeps exact params rows when asked (`exact_params`); every other row is
+target-only, one presentation DICOM per anatomy (target/<group>.dcm) shared by its
+acquisitions, as a site's archive has them.
+
+Layout:  manifest.csv (id, raw, target, params, split, group), raw/<id>.dcm, params/<id>.npz,
+target/<group>.dcm.
 The params maps are stored area-downsampled by PARAMS_FACTOR (they are smooth); the archive
 reader resizes them to the image. Everything is a function of --seed.
 """
@@ -31,7 +37,6 @@ from model.remap import downsample_image
 from training.perturb import random_perturbation
 from training.phantoms import ANATOMIES, SIZES, make_phantom
 from model.anatomy import find_anatomy_mask
-from model.teacher import teacher
 
 PARAMS_FACTOR = 4
 REAL_RADIOGRAPHS = {"RG1_UNCR.dcm": "train", "RG3_UNCR.dcm": "test"}  # pydicom-data files, fixed splits
@@ -134,9 +139,17 @@ def anatomies(n: int, seed: int, max_size: int = 4096, real: bool = True, only: 
 
 def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, max_size: int = 4096,
                real: bool = True, make_zip: bool = False, progress=None, only: tuple | None = None,
-               real_split: str = "fixed") -> Path:
+               real_split: str = "fixed", style: str = "teacher", exact_params: bool | None = None) -> Path:
     """Write the archive; returns the folder (or the .zip when make_zip). `only` restricts it to
-    the rows of some splits (e.g. a fresh test split), each row identical to the full archive's."""
+    the rows of some splits (e.g. a fresh test split), each row identical to the full archive's.
+    style: a training.styles name; exact_params: params rows where the style has exact maps
+    (default: for the teacher's style only), else target-only rows."""
+    from training.styles import STYLES
+
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    look = STYLES[style]
+    with_params = look.exact and (style == "teacher" if exact_params is None else exact_params)
     out = Path(out)
     if out.suffix == ".zip":
         make_zip, folder = True, out.with_suffix("")
@@ -148,21 +161,32 @@ def synthesise(out: str | Path, n: int, seed: int, perturbations: int = 4, *, ma
     if real_split not in ("fixed", "train"):
         raise ValueError(f"real_split must be 'fixed' or 'train', got {real_split!r}")
     for anatomy in anatomies(n, seed, max_size, real, only, real_split):
-        maps = teacher(anatomy.x, anatomy.mask)
+        maps, z = look.target(anatomy.x, anatomy.mask)
+        target = ""
+        if not with_params:
+            target = f"target/{anatomy.name}.dcm"
+            (folder / "target").mkdir(exist_ok=True)
+            presentation = radiograph_dataset(z, bits=16, photometric="MONOCHROME2", modality="CR",
+                                              uid_key=f"{seed}-{anatomy.name}-{style}")
+            presentation.ImageType = ["DERIVED", "PRIMARY"]
+            presentation.save_as(folder / target, enforce_file_format=True)
         rng = np.random.default_rng([seed, 1, sum(map(ord, anatomy.name)), anatomy.index * perturbations])
         for k in range(perturbations):
             pert = random_perturbation(anatomy.x, rng)
             xp = pert.apply(anatomy.x)
-            a, b = pert.correct(maps.a, maps.b)
             rid = f"{anatomy.name}-p{k}"
             bits = int(rng.choice([10, 12, 14, 16]))
             photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
             modality = "CR" if rng.random() < 0.5 else "DX"
             ds = radiograph_dataset(xp, bits=bits, photometric=photometric, modality=modality, uid_key=f"{seed}-{rid}")
             ds.save_as(folder / "raw" / f"{rid}.dcm", enforce_file_format=True)
-            np.savez_compressed(folder / "params" / f"{rid}.npz", a=_small(a), b=_small(b),
-                                wc=np.float32(maps.wc), ww=np.float32(maps.ww))
-            rows.append({"id": rid, "raw": f"raw/{rid}.dcm", "target": "", "params": f"params/{rid}.npz",
+            params = ""
+            if with_params:
+                a, b = pert.correct(maps.a, maps.b)
+                params = f"params/{rid}.npz"
+                np.savez_compressed(folder / params, a=_small(a), b=_small(b),
+                                    wc=np.float32(maps.wc), ww=np.float32(maps.ww))
+            rows.append({"id": rid, "raw": f"raw/{rid}.dcm", "target": target, "params": params,
                          "split": anatomy.split, "group": anatomy.name})
             if progress:
                 progress(rid)
