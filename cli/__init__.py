@@ -37,12 +37,14 @@ from dicom_node.enhance_command import enhance  # noqa: E402
 main.add_command(enhance)
 
 
-from dicom_node.node_commands import echo, retry, serve, status  # noqa: E402
+from dicom_node.node_commands import discard, echo, forward, retry, serve, status  # noqa: E402
 
 main.add_command(serve)
 main.add_command(status)
 main.add_command(echo)
 main.add_command(retry)
+main.add_command(forward)
+main.add_command(discard)
 
 
 from dicom_node.explain import explain  # noqa: E402

@@ -17,6 +17,8 @@ from dicom_node.errors import ConfigError
 DEFAULT_CONFIG = "config.toml"
 #: [model] output_transfer_syntax values (all lossless; dicom_node.writer.OUTPUT_SYNTAXES maps them to UIDs)
 OUTPUT_TRANSFER_SYNTAXES = ("explicit", "jpeg2000-lossless", "rle", "jpeg-ls-lossless")
+#: [model] on_failure: what becomes of an image the model could not enhance
+ON_FAILURE = ("forward-original", "hold")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class ModelSettings:
     parametric_map: bool = False  # also send the maps a, b, wc, ww as a DICOM Parametric Map
     max_burnt_out: float = 0.02  # window guard: widen the window where more of the anatomy would burn out (0 = off)
     output_transfer_syntax: str = "explicit"  # one of OUTPUT_TRANSFER_SYNTAXES
+    on_failure: str = "forward-original"  # or "hold": an image that cannot be enhanced is held in failed/
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
 
     s = _Section(source, "model", raw.get("model", {}),
                  {"weights", "device", "mode", "enhance", "forward_original", "parametric_map", "max_burnt_out",
-                  "output_transfer_syntax"})
+                  "output_transfer_syntax", "on_failure"})
     device = s.string("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()):
@@ -329,6 +332,7 @@ def parse_config(raw: dict[str, Any], source: Path) -> Config:
         parametric_map=s.boolean("parametric_map", False),
         max_burnt_out=_fraction(s, "max_burnt_out", 0.02),
         output_transfer_syntax=s.string("output_transfer_syntax", "explicit", OUTPUT_TRANSFER_SYNTAXES),
+        on_failure=s.string("on_failure", "forward-original", ON_FAILURE),
     )
 
     s = _Section(source, "retry", raw.get("retry", {}),

@@ -11,3 +11,12 @@ class UnsupportedImage(NodeError, ValueError):
 
 class ConfigError(NodeError, ValueError):
     """config.toml is invalid; the message names the key and the problem."""
+
+
+class UnreadablePixels(NodeError, ValueError):
+    """The header of a received file is whole but its Pixel Data is not (truncated, torn, no
+    fragments): it can be forwarded as received, not enhanced. `dataset` is what was parsed."""
+
+    def __init__(self, message: str, dataset):
+        super().__init__(message)
+        self.dataset = dataset

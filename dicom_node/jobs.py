@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     last_error TEXT,
-    claimed_by INTEGER  -- the worker slot whose process holds it while processing (NULL: slot 0)
+    claimed_by INTEGER,  -- the worker slot whose process holds it while processing (NULL: slot 0)
+    as_received INTEGER NOT NULL DEFAULT 0  -- `dicom-node forward`: send what was received, never enhance
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_uid ON jobs (sop_instance_uid, state);
@@ -62,6 +63,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     sop_instance_uid TEXT NOT NULL,
     delivered_at REAL NOT NULL,
     PRIMARY KEY (job_id, destination, item)
+);
+CREATE TABLE IF NOT EXISTS enhancement_failures (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+    reason TEXT NOT NULL,   -- a label for /metrics: unreadable-pixels, unsupported-image, model-error
+    detail TEXT NOT NULL,
+    failed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS timing_buckets (
     stage TEXT NOT NULL,
@@ -100,6 +107,13 @@ class Job:
     received_at: float
     next_attempt_at: float
     last_error: str | None
+    as_received: bool = False  # `dicom-node forward`: what was received goes on, without enhancement
+
+    @property
+    def display_state(self) -> str:
+        """The state as people read it (status, the page): a job waiting for another attempt
+        is `retrying`, not `received`."""
+        return "retrying" if self.state == "received" and self.attempts > 0 else self.state
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -108,7 +122,8 @@ class Job:
                    association=row["association"],
                    path=Path(row["path"]), state=row["state"], attempts=row["attempts"],
                    received_at=row["received_at"], next_attempt_at=row["next_attempt_at"],
-                   last_error=row["last_error"])
+                   last_error=row["last_error"],
+                   as_received=bool(row["as_received"]) if "as_received" in row.keys() else False)
 
 
 class JobQueue:
@@ -125,12 +140,14 @@ class JobQueue:
             with self._conn() as conn:
                 conn.executescript(_SCHEMA)
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-                if "claimed_by" not in columns:  # a queue made before several workers: add the slot
-                    try:
-                        conn.execute("ALTER TABLE jobs ADD COLUMN claimed_by INTEGER")
-                    except sqlite3.OperationalError as exc:  # another worker process added it meanwhile
-                        if "duplicate column" not in str(exc):
-                            raise
+                # a queue made by an older node: add what it lacks (the worker slot, as_received)
+                for column, kind in (("claimed_by", "INTEGER"), ("as_received", "INTEGER NOT NULL DEFAULT 0")):
+                    if column not in columns:
+                        try:
+                            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                        except sqlite3.OperationalError as exc:  # another worker process added it meanwhile
+                            if "duplicate column" not in str(exc):
+                                raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -312,10 +329,12 @@ class JobQueue:
         return {row[0] for row in self._conn().execute(
             f"SELECT id FROM jobs WHERE id IN ({marks}) AND NOT {_NEWEST_COPY}", list(job_ids))}
 
-    def requeue_failed(self, job_ids: list[int] | None = None) -> list[Job]:
+    def requeue_failed(self, job_ids: list[int] | None = None, as_received: bool = False) -> list[Job]:
         """Failed jobs (these, or all with None) back to received, due now, attempts and the
         give-up clock started again; their held file stays where it is (job.path) until done.
+        `as_received`: sent as received, without enhancement (`dicom-node forward`).
         Returns the jobs as they were before."""
+        asked = "forward as received" if as_received else "retry"
         now = time.time()
         conn = self._conn()
         with conn:
@@ -329,9 +348,35 @@ class JobQueue:
                                     list(job_ids)).fetchall()
             conn.executemany(
                 "UPDATE jobs SET state = 'received', attempts = 0, received_at = ?, next_attempt_at = ?,"
-                " updated_at = ?, last_error = ? WHERE id = ?",
-                [(now, now, now, f"retry requested; it had failed: {row['last_error']}", row["id"]) for row in rows])
+                " updated_at = ?, last_error = ?, as_received = ? WHERE id = ?",
+                [(now, now, now, f"{asked} requested; it had failed: {row['last_error']}", int(as_received), row["id"])
+                 for row in rows])
         return [Job.from_row(row) for row in rows]
+
+    def mark_discarded(self, job_id: int, archived: Path, note: str) -> bool:
+        """A failed job is done, its file kept at `archived` (`dicom-node discard`); False if it
+        was not failed (any more)."""
+        with self._conn() as conn:
+            return conn.execute(
+                "UPDATE jobs SET state = 'done', path = ?, last_error = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'failed'", (str(archived), note, time.time(), job_id)).rowcount == 1
+
+    def record_enhancement_failure(self, job_id: int, reason: str, detail: str) -> None:
+        """Why a job's image was not enhanced (one row per job: its latest reason), for /metrics
+        and `status`."""
+        with self._conn() as conn:
+            conn.execute("INSERT OR REPLACE INTO enhancement_failures VALUES (?, ?, ?, ?)",
+                         (job_id, reason, detail, time.time()))
+
+    def enhancement_failures(self) -> dict[str, int]:
+        """Images not enhanced, per reason label."""
+        return dict(self._conn().execute("SELECT reason, COUNT(*) FROM enhancement_failures GROUP BY reason"))
+
+    def not_enhanced(self, limit: int = 20) -> list[tuple[Job, str, str]]:
+        """The latest images that were not enhanced: (job, reason, detail), newest first."""
+        return [(Job.from_row(row), row["reason"], row["detail"]) for row in self._conn().execute(
+            "SELECT jobs.*, f.reason, f.detail FROM enhancement_failures AS f JOIN jobs ON jobs.id = f.job_id"
+            " ORDER BY f.failed_at DESC LIMIT ?", (limit,))]
 
     # --- reporting ---------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class QueueCollector:
             delivered = queue.delivery_counts() if queue else {}
             enhanced = queue.enhanced_by_class() if queue else {}
             failed = queue.failed_by_class() if queue else {}
+            not_enhanced = queue.enhancement_failures() if queue else {}
             retries = queue.retry_count() if queue else 0
             counts = queue.counts() if queue else dict.fromkeys(STATES, 0)
             oldest = queue.oldest_pending() if queue else None
@@ -148,6 +149,11 @@ class QueueCollector:
             for sop_class, n in by_class.items():
                 family.add_metric([sop_class], n)
             yield family
+        family = CounterMetricFamily("dicom_node_enhancement_failures", "Images that were to be enhanced and "
+                                     "could not be (forwarded as received, or held)", labels=["reason"])
+        for reason, n in not_enhanced.items():
+            family.add_metric([reason], n)
+        yield family
         yield CounterMetricFamily("dicom_node_retries", "Attempts after the first", value=retries)
         depth = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs by state", labels=["state"])
         for state in STATES:

@@ -54,17 +54,22 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
     config = load_config(config_path)
     spool = Spool(config.spool.dir)
     now = time.time()
-    delivered = {}
+    delivered, not_enhanced = {}, []
     if spool.db_path.exists():
         queue = JobQueue(spool.db_path, readonly=True)
         counts, oldest, failed = queue.counts(), queue.oldest_pending(), queue.jobs("failed", limit)
         retrying = queue.retrying(limit)
         delivered = {j.id: queue.delivered_to(j.id) for j in failed}
+        not_enhanced = queue.not_enhanced(limit)
     else:
         counts, oldest, failed, retrying = dict.fromkeys(STATES, 0), None, [], []
+    # an empty queue and a spool that is not there read alike: say which (a wrong --config)
+    missing = None if spool.db_path.exists() else (
+        f"no queue at {spool.db_path}" if spool.root.exists() else f"the spool {spool.root} does not exist")
 
     report = {
         "spool": str(spool.root),
+        "spool_missing": missing,
         "counts": counts,
         "oldest_pending": None if oldest is None else {
             "job_id": oldest.id, "sop_instance_uid": oldest.sop_instance_uid,
@@ -76,11 +81,15 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
         "failed": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid,
                     "path": str(j.path), "reason": j.last_error, "delivered_to": delivered.get(j.id, [])}
                    for j in failed],
+        "not_enhanced": [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid, "state": j.display_state,
+                          "reason": reason, "detail": detail} for j, reason, detail in not_enhanced],
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"spool: {spool.root}")
+    if missing:
+        click.echo(f"  {missing}: has a node run with this config ({config.path})?")
     for state in STATES:
         click.echo(f"  {state:<11} {counts[state]}")
     if oldest is None:
@@ -99,6 +108,9 @@ def status(config_path: str, as_json: bool, limit: int) -> None:
     for job in failed:
         click.echo(f"  job {job.id} {job.sop_instance_uid}: {job.last_error}")
         click.echo(f"    held at {job.path}; already delivered to: {', '.join(delivered.get(job.id, [])) or 'none'}")
+    click.echo(f"not enhanced: {len(not_enhanced)}" + (" (latest first)" if not_enhanced else ""))
+    for job, reason, detail in not_enhanced:
+        click.echo(f"  job {job.id} {job.sop_instance_uid} ({job.display_state}) {reason}: {detail}")
 
 
 @click.command()
@@ -124,6 +136,43 @@ def echo(destination: str | None, config_path: str) -> None:
     click.echo(make_target(dest, config.node).echo())
 
 
+def _held_jobs(config_path: str):
+    """(config, spool, queue) for a command on held jobs; a UsageError when there is no queue."""
+    from dicom_node.config import load_config
+    from dicom_node.jobs import JobQueue
+    from dicom_node.spool import Spool
+
+    config = load_config(config_path)
+    spool = Spool(config.spool.dir)
+    if not spool.db_path.exists():
+        raise click.UsageError(f"no queue at {spool.db_path}: has the node run with this config?")
+    return config, spool, JobQueue(spool.db_path)
+
+
+def _requeue(job_ids: tuple[int, ...], all_failed: bool, config_path: str, as_received: bool) -> None:
+    """`retry` and `forward`: failed jobs back in the queue, reported one line each."""
+    from dicom_node import audit
+    from dicom_node.retry import retry_failed
+
+    if bool(job_ids) == all_failed:
+        raise click.UsageError("give the failed jobs' ids, or --all")
+    config, spool, queue = _held_jobs(config_path)
+    result = retry_failed(spool, queue, None if all_failed else list(job_ids), as_received=as_received)
+    what = "to be forwarded as received" if as_received else "queued again"
+    for job in result.requeued:
+        audit.append(config.logging.audit, "forward requested" if as_received else "retry requested",
+                     calling_ae=job.calling_aet, sop_instance_uid=job.sop_instance_uid, job_id=job.id,
+                     outcome=f"it had failed: {job.last_error}")
+        click.echo(f"job {job.id} {job.sop_instance_uid}: {what} (it had failed: {job.last_error})")
+    for job in result.superseded:
+        click.echo(f"job {job.id} {job.sop_instance_uid}: not {'forwarded' if as_received else 'retried'},"
+                   " the instance was received again since")
+    if result.unknown:
+        click.echo(f"not failed, or unknown: {', '.join(map(str, result.unknown))}", err=True)
+        sys.exit(1)
+    click.echo(f"{len(result.requeued)} job(s) {what}")
+
+
 @click.command()
 @click.argument("job_ids", nargs=-1, type=int)
 @click.option("--all", "all_failed", is_flag=True, help="Every failed job.")
@@ -132,23 +181,36 @@ def retry(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
     """Put failed jobs (JOB_IDS from `status`, or --all) back in the queue; works while the node
     runs, whose worker takes them within a second. Their reason files are removed; the reason
     stays in each job's last error until it is done."""
-    from dicom_node.config import load_config
-    from dicom_node.jobs import JobQueue
-    from dicom_node.retry import retry_failed
-    from dicom_node.spool import Spool
+    _requeue(job_ids, all_failed, config_path, as_received=False)
 
-    if bool(job_ids) == all_failed:
-        raise click.UsageError("give the failed jobs' ids, or --all")
-    config = load_config(config_path)
-    spool = Spool(config.spool.dir)
-    if not spool.db_path.exists():
-        raise click.UsageError(f"no queue at {spool.db_path}: has the node run with this config?")
-    result = retry_failed(spool, JobQueue(spool.db_path), None if all_failed else list(job_ids))
-    for job in result.requeued:
-        click.echo(f"job {job.id} {job.sop_instance_uid}: queued again (it had failed: {job.last_error})")
-    for job in result.superseded:
-        click.echo(f"job {job.id} {job.sop_instance_uid}: not retried, the instance was received again since")
+
+@click.command()
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--all", "all_failed", is_flag=True, help="Every failed job.")
+@_config_option
+def forward(job_ids: tuple[int, ...], all_failed: bool, config_path: str) -> None:
+    """Send failed jobs (JOB_IDS from `status`, or --all) as they were received, without
+    enhancement, to the destinations that take originals; works while the node runs."""
+    _requeue(job_ids, all_failed, config_path, as_received=True)
+
+
+@click.command()
+@click.argument("job_ids", nargs=-1, type=int, required=True)
+@click.option("--reason", required=True, help="Why they are discarded (kept with the files and in the audit log).")
+@_config_option
+def discard(job_ids: tuple[int, ...], reason: str, config_path: str) -> None:
+    """End failed jobs (JOB_IDS from `status`) without sending them: each held file moves to
+    <spool>/discarded/ with its reason file (yours added), never deleted."""
+    from dicom_node import audit
+    from dicom_node.retry import discard_failed
+
+    config, spool, queue = _held_jobs(config_path)
+    result = discard_failed(spool, queue, list(job_ids), reason)
+    for job, kept in result.discarded:
+        audit.append(config.logging.audit, "discarded", calling_ae=job.calling_aet,
+                     sop_instance_uid=job.sop_instance_uid, job_id=job.id, path=kept,
+                     outcome=f"{reason}; it had failed: {job.last_error}")
+        click.echo(f"job {job.id} {job.sop_instance_uid}: discarded, kept at {kept}")
     if result.unknown:
         click.echo(f"not failed, or unknown: {', '.join(map(str, result.unknown))}", err=True)
         sys.exit(1)
-    click.echo(f"{len(result.requeued)} job(s) queued again")

@@ -23,13 +23,10 @@ class Routing:
     def enhances(self, sop_class_uid: str) -> bool:
         return sop_class_uid in self.enhance_classes
 
-    def items(self, original: Item, derived: Item | None = None, maps: Item | None = None,
-              note: str | None = None) -> tuple[list[Item], str | None]:
-        """(the items to send, None), or ([], why nothing can be sent).
-
-        With a derived instance: it, its maps (when made), then the original unless
-        forward_original is off. Without one the original goes as it is, except when the
-        enhancement was wanted but failed (`note`) and forward_original is off."""
+    def items(self, original: Item, derived: Item | None = None, maps: Item | None = None) -> list[Item]:
+        """The items a job has to send: with a derived instance, it, its maps (when made), then
+        the original unless forward_original is off; without one, the original as it is (also
+        when the enhancement failed: an image is never held back for it)."""
         if original.kind is not ItemKind.ORIGINAL:
             raise ValueError(f"original must be an original item, not {original.kind}")
         if derived is not None:
@@ -38,7 +35,5 @@ class Routing:
                 items.append(maps)
             if self.forward_original:
                 items.append(original)
-            return items, None
-        if note and not self.forward_original:
-            return [], f"{note}; forward_original is off, so nothing can be sent"
-        return [original], None
+            return items
+        return [original]

@@ -11,6 +11,7 @@ Layout under [spool] dir::
     derived/<job id>.dcm                      enhanced instance waiting to be forwarded
     derived/<job id>.maps.dcm                 its Parametric Map ([model] parametric_map)
     failed/<job id>-<SOP Instance UID>.dcm    held with <same name>.reason.txt beside it
+    discarded/<job id>-<SOP Instance UID>.dcm a held file an admin discarded (dicom-node discard), reason beside it
     quarantine/<time>/                        what could not be read at start, with reason.txt
     queue.sqlite3                             the job queue (see jobs.py)
     node.lock                                 held (flock) by the one node serving this spool
@@ -174,6 +175,7 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.derived = self.root / "derived"
         self.failed = self.root / "failed"
+        self.discarded = self.root / "discarded"
         self.db_path = self.root / "queue.sqlite3"
         self._locks: dict[str, object] = {}  # lock file name -> its open file (the flock lives with it)
 
@@ -251,6 +253,22 @@ class Spool:
             fsync_dir(self.failed)
             fsync_dir(source.parent)
         return held
+
+    def discard_held(self, held: Path, note: str) -> Path:
+        """Move a held file and its reason file from failed/ into discarded/, `note` added to the
+        reason: nothing acknowledged is ever deleted silently. Returns the new path."""
+        self.discarded.mkdir(parents=True, exist_ok=True)
+        kept = self.discarded / held.name
+        reason_path = held.with_name(held.name + ".reason.txt")
+        previous = reason_path.read_text(errors="replace") if reason_path.exists() else ""
+        write_atomic(kept.with_name(kept.name + ".reason.txt"), f"{previous.rstrip()}\n{note.rstrip()}\n".lstrip().encode())
+        if held.exists():
+            os.replace(held, kept)
+        fsync_dir(self.discarded)
+        if reason_path.exists():
+            reason_path.unlink()
+        fsync_dir(held.parent)
+        return kept
 
     @staticmethod
     def worker_lock_name(slot: int) -> str:

@@ -36,7 +36,7 @@ from pydicom.pixels.utils import get_expected_length
 from dicom_node import audit
 from dicom_node.config import Config, available_cores, load_config
 from dicom_node.derivation import Derivation
-from dicom_node.errors import UnsupportedImage
+from dicom_node.errors import UnreadablePixels, UnsupportedImage
 from dicom_node.forwarder import Item, ItemKind, Outcome, make_target
 from dicom_node.jobs import Job, JobQueue, iso_utc
 from dicom_node.logs import configure_logging
@@ -72,11 +72,13 @@ _PARSING = threading.Lock()  # warnings.catch_warnings is process-wide: one pars
 
 
 def read_complete(path) -> Dataset:
-    """Parse the whole file (pixels stay encoded) and refuse a torn one.
+    """Parse the whole file (pixels stay encoded) and refuse a torn one: ValueError when its
+    header is torn or lacks the SOP UIDs, UnreadablePixels when only its Pixel Data is bad.
 
     pydicom reads a truncated file without complaint, so the Pixel Data is checked: native
     data must have the length its attributes promise, encapsulated data must parse into
-    fragments. End-of-file warnings while parsing are errors here. They are caught under a lock
+    fragments. End-of-file warnings while parsing are errors here (in the Pixel Data when it
+    was reached: it is the last element of an image). They are caught under a lock
     (two jobs parsed at once would see each other's); the catch is process-wide, so what other
     threads warned meanwhile (not from pydicom) is warned again after it.
     """
@@ -88,21 +90,26 @@ def read_complete(path) -> Dataset:
     for w in caught:  # the parse's own are dropped, as before; another thread's are not ours to drop
         if str(w.message) not in torn and "pydicom" not in w.filename:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if torn:
-        raise ValueError(torn[0])
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         if keyword not in ds:
-            raise ValueError(f"{keyword} is missing")
+            raise ValueError(torn[0] if torn else f"{keyword} is missing")
+    if torn:
+        if "PixelData" not in ds:
+            raise ValueError(torn[0])
+        raise UnreadablePixels(f"Pixel Data is torn: {torn[0]}", ds)
     if "PixelData" in ds:
         if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            count = sum(1 for _ in generate_fragments(ds.PixelData))
+            try:
+                count = sum(1 for _ in generate_fragments(ds.PixelData))
+            except Exception as exc:  # a broken item tag or length
+                raise UnreadablePixels(f"encapsulated Pixel Data cannot be parsed: {exc}", ds) from None
             if count == 0:
-                raise ValueError("encapsulated Pixel Data has no fragments")
+                raise UnreadablePixels("encapsulated Pixel Data has no fragments", ds)
         else:
             expected = get_expected_length(ds)
             if len(ds.PixelData) < expected:
-                raise ValueError(f"Pixel Data is truncated: {len(ds.PixelData)} of "
-                                 f"{expected} bytes")
+                raise UnreadablePixels(f"Pixel Data is truncated: {len(ds.PixelData)} of "
+                                       f"{expected} bytes", ds)
     return ds
 
 
@@ -255,23 +262,29 @@ class Worker:
 
     def prepare(self, job: Job) -> Plan:
         plan = Plan(job)
+        unreadable = None  # why the pixels cannot be read; the original may still go on
         try:
             ds = read_complete(job.path)
-            ts = str(ds.file_meta.TransferSyntaxUID)
+        except UnreadablePixels as exc:
+            ds, unreadable = exc.dataset, str(exc)
         except Exception as exc:
             plan.failure = f"not a complete DICOM file: {exc}"
             return plan
+        ts = str(ds.file_meta.TransferSyntaxUID)
         original = Item(ItemKind.ORIGINAL, job.path, job.sop_class_uid, job.sop_instance_uid, ts)
         derived = None
-        if self.routing.enhances(job.sop_class_uid):
+        if self.routing.enhances(job.sop_class_uid) and job.as_received:
+            plan.note = "forwarded as received on request (dicom-node forward), not enhanced"
+        elif self.routing.enhances(job.sop_class_uid):
             if self.is_derived_by_us(ds):
                 log.info("derived by this node already, forwarded as is")
+            elif unreadable:
+                return self.not_enhanced(plan, original, "unreadable-pixels", f"not enhanced: {unreadable}")
             else:
                 try:
                     derived = self.derivation.derive(job, ds, self.timings)
                 except UnsupportedImage as exc:
-                    plan.note = f"not enhanced: {exc}"
-                    log.warning("not enhanced", reason=str(exc))
+                    return self.not_enhanced(plan, original, "unsupported-image", f"not enhanced: {exc}")
                 except Exception as exc:  # a model/runtime error: retry, but never hold the original forever
                     if out_of_space(exc):  # not the model's fault: wait for space, then enhance
                         log.warning("spool full, the enhancement waits for space", error=str(exc))
@@ -281,9 +294,31 @@ class Worker:
                     if job.attempts + 1 < ENHANCE_ATTEMPTS:
                         plan.transient = f"enhancement failed: {exc!r}"
                         return plan
-                    plan.note = f"not enhanced after {ENHANCE_ATTEMPTS} attempts: {exc!r}"
-        plan.items, plan.failure = self.routing.items(original, derived and derived.instance,
-                                                      derived and derived.maps, plan.note)
+                    return self.not_enhanced(plan, original, "model-error",
+                                             f"not enhanced after {ENHANCE_ATTEMPTS} attempts: {exc!r}")
+        if unreadable and plan.note is None:  # not to be enhanced: its pixels are not ours to judge
+            plan.note = f"forwarded as received: {unreadable}"
+        plan.items = self.routing.items(original, derived and derived.instance, derived and derived.maps)
+        return plan
+
+    def not_enhanced(self, plan: Plan, original: Item, reason: str, note: str) -> Plan:
+        """An image that was to be enhanced and cannot be: recorded (log, audit line, the
+        queue's count per `reason` for /metrics), then its original goes on as received
+        ([model] on_failure = "forward-original") or it is held in failed/ ("hold")."""
+        job, hold = plan.job, self.config.model.on_failure == "hold"
+        log.warning("not enhanced", reason=reason, detail=note, on_failure=self.config.model.on_failure)
+        audit.record("not enhanced", association=job.association, calling_ae=job.calling_aet,
+                     sop_instance_uid=job.sop_instance_uid, job_id=job.id, reason=reason,
+                     outcome=f"{note}; {'held in failed/' if hold else 'original forwarded as received'}")
+        try:
+            self.queue.record_enhancement_failure(job.id, reason, note)
+        except Exception as exc:  # a count for /metrics is not worth holding the image for
+            log.warning("enhancement failure not counted", error=repr(exc))
+        plan.note = note
+        if hold:
+            plan.failure = f'{note} ([model] on_failure = "hold")'
+        else:
+            plan.items = [original]
         return plan
 
     # --- settling ------------------------------------------------------------------------
@@ -309,15 +344,21 @@ class Worker:
                 self.spool.remove(plan.job.path, self.spool.derived_path(job_id), self.spool.maps_path(job_id),
                                   sync=False)
         for plan, verdict in verdicts:
-            with structlog.contextvars.bound_contextvars(**job_context(plan.job)):
+            job = plan.job
+            final = {"association": job.association, "calling_ae": job.calling_aet,
+                     "sop_instance_uid": job.sop_instance_uid, "job_id": job.id}
+            with structlog.contextvars.bound_contextvars(**job_context(job)):
                 if isinstance(verdict, Fail):
-                    log.error("failed, held in failed/", path=str(held[plan.job.id]), reason=verdict.reason)
+                    log.error("failed, held in failed/", path=str(held[job.id]), reason=verdict.reason)
+                    audit.record("held", **final, path=str(held[job.id]), outcome=verdict.reason)
                 elif isinstance(verdict, Retry):
                     log.warning("will retry", attempt=verdict.attempt, in_seconds=round(verdict.delay, 2),
                                 error=verdict.reason)
                 else:
                     log.info("delivered", items=[i.kind.value for i in plan.items],
                              destinations=[t.name for t in self.targets])
+                    # every job's audit trail ends in one of done, held (failed/) or discarded
+                    audit.record("done", **final, outcome=verdict.note or "delivered")
 
     def hold(self, job: Job, reason: str):
         """The job's file into failed/ with its reason; its derived files go. Returns the held path."""

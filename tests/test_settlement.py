@@ -95,22 +95,20 @@ def test_routing_sends_derived_then_maps_then_original():
     routing = Routing(frozenset({CR}), parametric_map=True, forward_original=True)
     original, derived, maps = item("original"), item("derived", "9.1"), item("parametric-map", "9.2")
     assert routing.enhances(CR) and not routing.enhances("1.2.840.10008.5.1.4.1.1.2")
-    assert routing.items(original, derived, maps) == ([derived, maps, original], None)
-    assert Routing(frozenset({CR})).items(original, derived, None) == ([derived, original], None)
+    assert routing.items(original, derived, maps) == [derived, maps, original]
+    assert Routing(frozenset({CR})).items(original, derived, None) == [derived, original]
 
 
 def test_forward_original_off_sends_only_the_derived_instance():
     routing = Routing(frozenset({CR}), forward_original=False)
     original, derived = item("original"), item("derived", "9.1")
-    assert routing.items(original, derived) == ([derived], None)
-    assert routing.items(original) == ([original], None)  # nothing was to be enhanced: as it is
+    assert routing.items(original, derived) == [derived]
+    assert routing.items(original) == [original]  # nothing was to be enhanced: as it is
 
 
-def test_forward_original_off_and_not_enhanced_leaves_nothing_to_send():
-    items, failure = Routing(frozenset({CR}), forward_original=False).items(item("original"), note="not enhanced: x")
-    assert items == []
-    assert failure == "not enhanced: x; forward_original is off, so nothing can be sent"
-    assert Routing(frozenset({CR})).items(item("original"), note="not enhanced: x") == ([item("original")], None)
+def test_forward_original_off_still_sends_the_original_when_there_is_no_derived_instance():
+    """An image that could not be enhanced is never held back for it (issue 22)."""
+    assert Routing(frozenset({CR}), forward_original=False).items(item("original")) == [item("original")]
 
 
 def test_routing_validates_its_arguments():
