@@ -203,6 +203,7 @@ class Run:
                                                  "bad_epochs": 0, "elapsed": 0.0, "history": []})
     started: float = 0.0  # wall clock at the start, less the time already spent before a resume
     warmup_steps: int = 0
+    asked: dict = None  # the training config as asked for (before calibration moved its prior)
 
     @property
     def main(self) -> bool:
@@ -269,7 +270,7 @@ def start_processes(cfg: TrainConfig, command: str) -> Run:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    return Run(cfg=cfg, command=command, world=world, rank=rank, device=device)
+    return Run(cfg=cfg, command=command, world=world, rank=rank, device=device, asked=asdict(cfg))
 
 
 def load_splits(run: Run) -> tuple[list, list]:
@@ -458,7 +459,9 @@ def stops_after_this_epoch(run: Run) -> bool:
 def save(run: Run, path: Path, val: dict) -> str:
     """A checkpoint of the model with the run's config, position, validation and history in meta."""
     state = run.state
-    meta = {"train_config": asdict(run.cfg), "epoch": state["epoch"], "step": state["step"], "val": val,
+    # the config as asked for: a second run of the same command is the same run (the checkpoint's
+    # own ModelConfig holds the calibrated prior)
+    meta = {"train_config": run.asked or asdict(run.cfg), "epoch": state["epoch"], "step": state["step"], "val": val,
             "best_val_loss": state["best"], "archive": str(run.cfg.archive), "command": run.command,
             "world_size": run.world, "history": state["history"]}
     return save_checkpoint(path, run.model, meta)
